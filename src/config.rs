@@ -1,0 +1,713 @@
+//! Configuration: the TOML shape of SPEC section 8, loading with environment
+//! overrides, and a pure validation pass that reports every error at once.
+//!
+//! Two phases: [`load`] parses (TOML + `FNRELAY__` environment), then
+//! [`Config::validate`] checks everything it can without network I/O and
+//! returns all problems, each naming its key. Only a validated config is
+//! handed to [`crate::run`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::destination::{file::FileConfig, webhook::WebhookConfig};
+use crate::record::DestKind;
+
+/// The embedded default: file destinations under `data/`, no broker needed.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// The whole daemon configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// HTTP server: listen address, auth, input limits.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// The durable journal of accepted records.
+    #[serde(default)]
+    pub journal: JournalConfig,
+    /// Retry policy, worker pool and circuit breaker.
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    /// Log format and level.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// QUEUE resources, keyed by queueId.
+    #[serde(default)]
+    pub queues: BTreeMap<String, ResourceConfig>,
+    /// STREAM resources, keyed by streamId.
+    #[serde(default)]
+    pub streams: BTreeMap<String, ResourceConfig>,
+    /// NOTIFICATION resources, keyed by topicId.
+    #[serde(default)]
+    pub topics: BTreeMap<String, ResourceConfig>,
+    /// Where each function's records go.
+    #[serde(default)]
+    pub routes: RoutesConfig,
+    /// Which compartments may use which resources.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the HTTP API listens on.
+    pub listen: String,
+    /// File holding the bearer token required by ingest and admin endpoints.
+    pub auth_token_file: Option<PathBuf>,
+    /// The bearer token itself (prefer `FNRELAY__SERVER__AUTH_TOKEN` or the file).
+    pub auth_token: Option<String>,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Most events in one `{"completions": [...]}` batch.
+    pub max_batch_size: usize,
+    /// Longest accepted id field (fnCallId, functionId, ...), in bytes.
+    pub max_id_bytes: usize,
+    /// Longest accepted `errorMessage`, in bytes.
+    pub max_error_message_bytes: usize,
+    /// How long SIGTERM waits for in-flight deliveries before exiting.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            auth_token_file: None,
+            auth_token: None,
+            max_body_bytes: 1_048_576,
+            max_batch_size: 1000,
+            max_id_bytes: 255,
+            max_error_message_bytes: 8192,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[journal]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalConfig {
+    /// SQLite database file; created with its directory if missing.
+    pub path: PathBuf,
+    /// How long delivered and skipped records (their fnCallId -> id mapping)
+    /// are kept, which is also the window of idempotent re-posts.
+    #[serde(with = "humantime_serde")]
+    pub delivered_retention: Duration,
+    /// High-water mark: above this many undelivered records ingest answers 503.
+    pub max_pending: u64,
+    /// Most records written in one group-commit transaction.
+    pub max_group_commit: usize,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        Self {
+            path: "data/journal.db".into(),
+            delivered_retention: Duration::from_secs(24 * 3600),
+            max_pending: 1_000_000,
+            max_group_commit: 4096,
+        }
+    }
+}
+
+/// `[delivery]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Number of concurrent delivery workers.
+    pub workers: usize,
+    /// Attempts before a record is dead-lettered (first attempt included).
+    pub max_attempts: u32,
+    /// Records older than this (since accept) are dead-lettered as `record_expired`.
+    #[serde(with = "humantime_serde")]
+    pub max_record_age: Duration,
+    /// Backoff before the second attempt; doubles per attempt, full jitter.
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// Cap of the backoff and of any Retry-After hint.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Upper bound of one delivery attempt, whatever the backend's own timeout.
+    #[serde(with = "humantime_serde")]
+    pub attempt_timeout: Duration,
+    /// Consecutive retryable failures that open a destination's circuit breaker.
+    pub breaker_failure_threshold: u32,
+    /// How long an open breaker waits before letting one probe through.
+    #[serde(with = "humantime_serde")]
+    pub breaker_cool_down: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            workers: 32,
+            max_attempts: 10,
+            max_record_age: Duration::from_secs(6 * 3600),
+            initial_backoff: Duration::from_millis(250),
+            max_backoff: Duration::from_secs(300),
+            attempt_timeout: Duration::from_secs(30),
+            breaker_failure_threshold: 5,
+            breaker_cool_down: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// Default filter when `RUST_LOG` is not set, e.g. `info` or `fnrelay=debug`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A destination resource: which backend serves it and that backend's keys.
+/// Adding a backend is one variant here and one arm in `destination::build`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "backend")]
+pub enum ResourceConfig {
+    /// JSON lines appended to a local file, fsynced.
+    #[serde(rename = "file")]
+    File(FileConfig),
+    /// HTTPS POST with Standard Webhooks headers.
+    #[serde(rename = "webhook")]
+    Webhook(WebhookConfig),
+}
+
+impl ResourceConfig {
+    /// The backend name as written in the config.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            ResourceConfig::File(_) => "file",
+            ResourceConfig::Webhook(_) => "webhook",
+        }
+    }
+
+    /// Kinds this backend may serve (SPEC section 4).
+    fn serves(&self, kind: DestKind) -> bool {
+        match self {
+            ResourceConfig::File(_) => true,
+            ResourceConfig::Webhook(_) => kind == DestKind::Notification,
+        }
+    }
+}
+
+/// A destination as routes and events name it (the OCI shape).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(tag = "kind", deny_unknown_fields)]
+pub enum DestSpec {
+    /// No record is sent.
+    #[serde(rename = "NONE")]
+    None,
+    /// A queue resource, with an optional channel.
+    #[serde(rename = "QUEUE")]
+    Queue {
+        /// Key of a `[queues.*]` table.
+        #[serde(rename = "queueId")]
+        queue_id: String,
+        /// Channel within the queue (OCI Queue channel, AMQP routing key).
+        #[serde(rename = "channelId", default, skip_serializing_if = "Option::is_none")]
+        channel_id: Option<String>,
+    },
+    /// A stream resource.
+    #[serde(rename = "STREAM")]
+    Stream {
+        /// Key of a `[streams.*]` table.
+        #[serde(rename = "streamId")]
+        stream_id: String,
+    },
+    /// A notification topic resource.
+    #[serde(rename = "NOTIFICATION")]
+    Notification {
+        /// Key of a `[topics.*]` table.
+        #[serde(rename = "topicId")]
+        topic_id: String,
+    },
+}
+
+impl DestSpec {
+    /// Kind and resource id, or `None` for `NONE`.
+    pub fn target(&self) -> Option<(DestKind, &str)> {
+        match self {
+            DestSpec::None => None,
+            DestSpec::Queue { queue_id, .. } => Some((DestKind::Queue, queue_id)),
+            DestSpec::Stream { stream_id } => Some((DestKind::Stream, stream_id)),
+            DestSpec::Notification { topic_id } => Some((DestKind::Notification, topic_id)),
+        }
+    }
+
+    /// The channel of a QUEUE destination.
+    pub fn channel(&self) -> Option<&str> {
+        match self {
+            DestSpec::Queue { channel_id, .. } => channel_id.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// One route: where success and failure records go. A missing side means NONE.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Destination of records with a 2xx status.
+    pub success: Option<DestSpec>,
+    /// Destination of records with any other status.
+    pub failure: Option<DestSpec>,
+}
+
+/// `[routes]`: a function's entry wins, then its application's, then default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesConfig {
+    /// Route for functions without a more specific one.
+    #[serde(default)]
+    pub default: Route,
+    /// Routes by application id.
+    #[serde(default)]
+    pub applications: BTreeMap<String, Route>,
+    /// Routes by function id.
+    #[serde(default)]
+    pub functions: BTreeMap<String, Route>,
+}
+
+/// `[policy]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Allow rules; with none, every compartment may use every resource.
+    #[serde(default)]
+    pub allow: Vec<AllowRule>,
+}
+
+/// One `[[policy.allow]]` rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowRule {
+    /// Compartment the rule applies to.
+    pub compartment: String,
+    /// If set, only these applications of the compartment.
+    #[serde(default)]
+    pub applications: Option<Vec<String>>,
+    /// Resources as `queues.<id>`, `streams.<id>` or `topics.<id>`.
+    pub resources: Vec<String>,
+}
+
+/// One problem found in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// Dotted key, e.g. `topics.alerts.url`.
+    pub key: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl std::fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+/// Loading or validation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or parsed into the config shape.
+    #[error("cannot load configuration: {0}")]
+    Load(#[source] config::ConfigError),
+    /// Parsed, but some values are invalid.
+    #[error("invalid configuration:\n{}", .0.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<ConfigIssue>),
+}
+
+/// Where the configuration comes from.
+pub enum Source<'a> {
+    /// A TOML file on disk.
+    File(&'a Path),
+    /// TOML text (the embedded default, or tests).
+    Text(&'a str),
+}
+
+/// Parses a configuration, applying `FNRELAY__...` environment overrides.
+pub fn load(source: Source<'_>) -> Result<Config, ConfigError> {
+    load_with_env(source, None)
+}
+
+/// Like [`load`], with an explicit environment (tests) instead of the process's.
+pub fn load_with_env(
+    source: Source<'_>,
+    env: Option<config::Map<String, String>>,
+) -> Result<Config, ConfigError> {
+    let builder = config::Config::builder();
+    let builder = match source {
+        Source::File(path) => builder.add_source(
+            config::File::from(path)
+                .format(config::FileFormat::Toml)
+                .required(true),
+        ),
+        Source::Text(text) => builder.add_source(config::File::from_str(text, config::FileFormat::Toml)),
+    };
+    let environment = config::Environment::with_prefix("FNRELAY")
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true)
+        .source(env);
+    builder
+        .add_source(environment)
+        .build()
+        .and_then(|c| c.try_deserialize::<Config>())
+        .map_err(ConfigError::Load)
+}
+
+impl Config {
+    /// Checks every value that can be checked without network I/O.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut issues = Vec::new();
+        let mut bad = |key: &str, reason: String| {
+            issues.push(ConfigIssue {
+                key: key.to_string(),
+                reason,
+            })
+        };
+
+        if let Err(e) = self.server.listen.parse::<SocketAddr>() {
+            bad("server.listen", format!("not a socket address ({e})"));
+        }
+        if let Some(path) = &self.server.auth_token_file {
+            match std::fs::read_to_string(path) {
+                Ok(t) if t.trim().is_empty() => {
+                    bad("server.auth_token_file", format!("{} is empty", path.display()))
+                }
+                Ok(_) => {}
+                Err(e) => bad(
+                    "server.auth_token_file",
+                    format!("cannot read {}: {e}", path.display()),
+                ),
+            }
+            if self.server.auth_token.is_some() {
+                bad(
+                    "server.auth_token",
+                    "set either auth_token or auth_token_file, not both".into(),
+                );
+            }
+        }
+        if matches!(&self.server.auth_token, Some(t) if t.trim().is_empty()) {
+            bad("server.auth_token", "must not be empty".into());
+        }
+        for (key, value) in [
+            ("server.max_body_bytes", self.server.max_body_bytes),
+            ("server.max_batch_size", self.server.max_batch_size),
+            ("server.max_id_bytes", self.server.max_id_bytes),
+            ("server.max_error_message_bytes", self.server.max_error_message_bytes),
+            ("delivery.workers", self.delivery.workers),
+            ("journal.max_group_commit", self.journal.max_group_commit),
+        ] {
+            if value == 0 {
+                bad(key, "must be greater than 0".into());
+            }
+        }
+        if self.journal.max_pending == 0 {
+            bad("journal.max_pending", "must be greater than 0".into());
+        }
+        if self.journal.path.as_os_str().is_empty() {
+            bad("journal.path", "must not be empty".into());
+        }
+        let d = &self.delivery;
+        if d.max_attempts == 0 {
+            bad("delivery.max_attempts", "must be at least 1".into());
+        }
+        if d.breaker_failure_threshold == 0 {
+            bad("delivery.breaker_failure_threshold", "must be at least 1".into());
+        }
+        for (key, value) in [
+            ("delivery.max_record_age", d.max_record_age),
+            ("delivery.initial_backoff", d.initial_backoff),
+            ("delivery.max_backoff", d.max_backoff),
+            ("delivery.attempt_timeout", d.attempt_timeout),
+            ("delivery.breaker_cool_down", d.breaker_cool_down),
+        ] {
+            if value.is_zero() {
+                bad(key, "must be greater than 0".into());
+            }
+        }
+        if d.initial_backoff > d.max_backoff {
+            bad(
+                "delivery.initial_backoff",
+                format!(
+                    "{} is more than delivery.max_backoff ({})",
+                    humantime::format_duration(d.initial_backoff),
+                    humantime::format_duration(d.max_backoff)
+                ),
+            );
+        }
+
+        for (table, kind, map) in self.resource_tables() {
+            for (id, resource) in map {
+                let prefix = format!("{table}.{}", quote_key(id));
+                if !resource.serves(kind) {
+                    bad(
+                        &format!("{prefix}.backend"),
+                        format!(
+                            "backend `{}` cannot serve a {} resource",
+                            resource.backend(),
+                            kind.as_str()
+                        ),
+                    );
+                }
+                let found = match resource {
+                    ResourceConfig::File(c) => c.validate(),
+                    ResourceConfig::Webhook(c) => c.validate(),
+                };
+                for (key, reason) in found {
+                    bad(&format!("{prefix}.{key}"), reason);
+                }
+            }
+        }
+
+        let mut check_route = |key: String, route: &Route| {
+            for (side, dest) in [("success", &route.success), ("failure", &route.failure)] {
+                if let Some(dest) = dest
+                    && let Err(reason) = self.check_dest(dest)
+                {
+                    issues.push(ConfigIssue {
+                        key: format!("{key}.{side}"),
+                        reason,
+                    });
+                }
+            }
+        };
+        check_route("routes.default".into(), &self.routes.default);
+        for (id, route) in &self.routes.applications {
+            check_route(format!("routes.applications.{}", quote_key(id)), route);
+        }
+        for (id, route) in &self.routes.functions {
+            check_route(format!("routes.functions.{}", quote_key(id)), route);
+        }
+
+        for (i, rule) in self.policy.allow.iter().enumerate() {
+            if rule.compartment.is_empty() {
+                issues.push(ConfigIssue {
+                    key: format!("policy.allow[{i}].compartment"),
+                    reason: "must not be empty".into(),
+                });
+            }
+            for (j, name) in rule.resources.iter().enumerate() {
+                if self.resource_by_name(name).is_none() {
+                    issues.push(ConfigIssue {
+                        key: format!("policy.allow[{i}].resources[{j}]"),
+                        reason: format!(
+                            "`{name}` is not a defined resource (write queues.<id>, streams.<id> or topics.<id>)"
+                        ),
+                    });
+                }
+            }
+        }
+
+        if issues.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(issues))
+        }
+    }
+
+    /// `(table name, kind, resources)` for the three resource tables.
+    pub fn resource_tables(&self) -> [(&'static str, DestKind, &BTreeMap<String, ResourceConfig>); 3] {
+        [
+            ("queues", DestKind::Queue, &self.queues),
+            ("streams", DestKind::Stream, &self.streams),
+            ("topics", DestKind::Notification, &self.topics),
+        ]
+    }
+
+    /// The resource table of one kind.
+    pub fn resources(&self, kind: DestKind) -> &BTreeMap<String, ResourceConfig> {
+        match kind {
+            DestKind::Queue => &self.queues,
+            DestKind::Stream => &self.streams,
+            DestKind::Notification => &self.topics,
+        }
+    }
+
+    /// Checks that a destination names a defined resource of its kind.
+    pub fn check_dest(&self, dest: &DestSpec) -> Result<(), String> {
+        match dest.target() {
+            None => Ok(()),
+            Some((kind, id)) if self.resources(kind).contains_key(id) => Ok(()),
+            Some((kind, id)) => Err(format!(
+                "{} `{id}` is not defined (no [{}.{}] table)",
+                kind.id_field(),
+                kind.table(),
+                quote_key(id)
+            )),
+        }
+    }
+
+    fn resource_by_name(&self, name: &str) -> Option<&ResourceConfig> {
+        let (table, id) = name.split_once('.')?;
+        let id = id.trim_matches('"');
+        self.resource_tables()
+            .into_iter()
+            .find(|(t, _, _)| *t == table)
+            .and_then(|(_, _, map)| map.get(id))
+    }
+}
+
+/// Quotes a table key the way TOML needs it when it contains dots.
+fn quote_key(id: &str) -> String {
+    if id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        id.to_string()
+    } else {
+        format!("\"{id}\"")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        load_with_env(Source::Text(text), Some(Default::default()))
+    }
+
+    fn issues(text: &str) -> Vec<String> {
+        match parse(text).expect("parses").validate() {
+            Ok(()) => vec![],
+            Err(ConfigError::Invalid(v)) => v.into_iter().map(|i| i.to_string()).collect(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let config = parse(DEFAULT_TOML).unwrap();
+        config.validate().unwrap();
+        assert!(config.routes.default.success.is_some());
+    }
+
+    #[test]
+    fn camel_case_route_keys_and_quoted_ocids_survive_loading() {
+        let config = parse(
+            r#"
+            [queues."ocid1.queue.oc1..x"]
+            backend = "file"
+            path = "data/q.jsonl"
+            [routes.functions."ocid1.fnfunc.oc1..f"]
+            failure = { kind = "QUEUE", queueId = "ocid1.queue.oc1..x", channelId = "Ch" }
+            "#,
+        )
+        .unwrap();
+        config.validate().unwrap();
+        let route = &config.routes.functions["ocid1.fnfunc.oc1..f"];
+        assert_eq!(
+            route.failure,
+            Some(DestSpec::Queue {
+                queue_id: "ocid1.queue.oc1..x".into(),
+                channel_id: Some("Ch".into())
+            })
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let found = issues(
+            r#"
+            [server]
+            listen = "nowhere"
+            [delivery]
+            initial_backoff = "10m"
+            max_backoff = "1m"
+            workers = 0
+            [topics.alerts]
+            backend = "webhook"
+            url = "http://example.com/hook"
+            [streams.s]
+            backend = "webhook"
+            url = "https://example.com/hook"
+            [routes.default]
+            success = { kind = "STREAM", streamId = "missing" }
+            [[policy.allow]]
+            compartment = "c"
+            resources = ["queues.nope"]
+            "#,
+        );
+        let keys: Vec<&str> = found.iter().map(|s| s.split(':').next().unwrap()).collect();
+        assert_eq!(
+            keys,
+            [
+                "server.listen",
+                "delivery.workers",
+                "delivery.initial_backoff",
+                "streams.s.backend",
+                "topics.alerts.url",
+                "routes.default.success",
+                "policy.allow[0].resources[0]",
+            ],
+            "{found:#?}"
+        );
+        assert!(found[4].contains("allow_insecure_endpoint"), "{}", found[4]);
+        assert!(found[5].contains("streamId `missing` is not defined"));
+    }
+
+    #[test]
+    fn unknown_backend_key_and_bad_duration_fail_loading() {
+        for (text, needle) in [
+            ("[queues.q]\nbackend = \"carrier-pigeon\"\npath = \"x\"", "carrier-pigeon"),
+            ("[queues.q]\nbackend = \"file\"\npath = \"x\"\ncolour = 1", "colour"),
+            ("[delivery]\nmax_backoff = \"five minutes\"", "five minutes"),
+            ("[server]\nlisten_on = \"x\"", "listen_on"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys() {
+        let env = [
+            ("FNRELAY__SERVER__LISTEN".to_string(), "0.0.0.0:9999".to_string()),
+            ("FNRELAY__DELIVERY__WORKERS".to_string(), "3".to_string()),
+            ("FNRELAY__DELIVERY__MAX_BACKOFF".to_string(), "7s".to_string()),
+        ]
+        .into_iter()
+        .collect();
+        let config = load_with_env(Source::Text(DEFAULT_TOML), Some(env)).unwrap();
+        assert_eq!(config.server.listen, "0.0.0.0:9999");
+        assert_eq!(config.delivery.workers, 3);
+        assert_eq!(config.delivery.max_backoff, Duration::from_secs(7));
+    }
+
+    #[test]
+    fn missing_token_file_is_named() {
+        let found = issues("[server]\nauth_token_file = \"/nonexistent/token\"");
+        assert_eq!(found.len(), 1);
+        assert!(found[0].starts_with("server.auth_token_file: cannot read /nonexistent/token"));
+    }
+}

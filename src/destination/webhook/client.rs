@@ -1,0 +1,136 @@
+//! The one network call of the webhook backend.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use reqwest::Url;
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+
+use super::config::is_private;
+use super::encode::{Secret, sign};
+use super::WebhookError;
+use crate::destination::OutgoingRecord;
+
+/// HTTP client bound to one endpoint.
+pub struct Client {
+    http: reqwest::Client,
+    url: Url,
+    secret: Option<Secret>,
+}
+
+/// Resolves names and drops private addresses, so a public-looking host
+/// name cannot lead into the sidecar's network (SSRF guard).
+struct PublicOnly;
+
+impl Resolve for PublicOnly {
+    fn resolve(&self, name: Name) -> Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| !is_private(a.ip()))
+                .collect();
+            if addrs.is_empty() {
+                return Err(format!(
+                    "{host} resolves only to private addresses (set allow_private_network = true to allow)"
+                )
+                .into());
+            }
+            Ok(Box::new(addrs.into_iter()) as Addrs)
+        })
+    }
+}
+
+impl Client {
+    /// Builds the client.
+    pub fn new(url: Url, secret: Option<Secret>, timeout: Duration, allow_private: bool) -> reqwest::Result<Self> {
+        let mut builder = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("fnrelay/", env!("CARGO_PKG_VERSION")));
+        if !allow_private {
+            builder = builder.dns_resolver(Arc::new(PublicOnly));
+        }
+        Ok(Self {
+            http: builder.build()?,
+            url,
+            secret,
+        })
+    }
+
+    /// POSTs one record.
+    pub async fn post(&self, record: &OutgoingRecord) -> Result<(), WebhookError> {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs() as i64;
+        let mut request = self
+            .http
+            .post(self.url.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header("webhook-id", &record.id)
+            .header("webhook-timestamp", now.to_string());
+        if let Some(secret) = &self.secret {
+            request = request.header("webhook-signature", sign(secret, &record.id, now, &record.body));
+        }
+        let response = request.body(record.body.clone()).send().await.map_err(|e| {
+            if e.is_timeout() {
+                WebhookError::Timeout(e)
+            } else if e.is_connect() {
+                WebhookError::Connect(e)
+            } else {
+                WebhookError::Transport(e)
+            }
+        })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let mut body = response.text().await.unwrap_or_default();
+        if body.len() > 200 {
+            let mut cut = 200;
+            while !body.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            body.truncate(cut);
+        }
+        Err(WebhookError::Status {
+            status: status.as_u16(),
+            retry_after,
+            body,
+        })
+    }
+}
+
+/// `Retry-After`: delay-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(SystemTime::now()).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
+        let got = parse_retry_after(&later).unwrap();
+        assert!(got > Duration::from_secs(100) && got <= Duration::from_secs(120), "{got:?}");
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+}

@@ -1,0 +1,86 @@
+//! `webhook` backend: POSTs the record JSON to an HTTP(S) endpoint with the
+//! Standard Webhooks headers (`webhook-id` = record id, so receivers
+//! deduplicate retries; `webhook-timestamp`; `webhook-signature` when a
+//! secret is set). Any 2xx is delivered; other answers are classified by
+//! [`crate::error::classify_http_status`]. Redirects are not followed.
+
+mod client;
+mod config;
+mod encode;
+
+pub use config::WebhookConfig;
+pub use encode::{Secret, sign};
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::destination::{Destination, OutgoingRecord};
+use crate::error::{DeliveryError, ErrorLabel, classify_http_status};
+
+/// Why a webhook attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    /// No answer in time.
+    #[error("webhook request timed out")]
+    Timeout(#[source] reqwest::Error),
+    /// Could not connect (refused, DNS, TLS, or an address the SSRF guard blocks).
+    #[error("cannot connect to webhook")]
+    Connect(#[source] reqwest::Error),
+    /// The request failed after connecting (connection reset, bad response).
+    #[error("webhook request failed")]
+    Transport(#[source] reqwest::Error),
+    /// The receiver answered with a non-2xx status.
+    #[error("webhook answered {status}{}", if .body.is_empty() { String::new() } else { format!(": {}", .body) })]
+    Status {
+        /// HTTP status.
+        status: u16,
+        /// Parsed `Retry-After`.
+        retry_after: Option<Duration>,
+        /// The first bytes of the answer body, for the logs.
+        body: String,
+    },
+}
+
+impl From<WebhookError> for DeliveryError {
+    fn from(e: WebhookError) -> Self {
+        match e {
+            WebhookError::Timeout(_) => DeliveryError::retry(ErrorLabel::Timeout, e.to_string()).with_source(e),
+            WebhookError::Connect(_) => {
+                DeliveryError::retry(ErrorLabel::ConnectionFailed, e.to_string()).with_source(e)
+            }
+            WebhookError::Transport(_) => {
+                DeliveryError::retry(ErrorLabel::ConnectionFailed, e.to_string()).with_source(e)
+            }
+            WebhookError::Status {
+                status,
+                retry_after,
+                ..
+            } => {
+                let message = e.to_string();
+                match classify_http_status(status) {
+                    Some((label, true)) => DeliveryError::retry(label, message).with_retry_after(retry_after),
+                    Some((label, false)) => DeliveryError::permanent(label, message),
+                    // 2xx never becomes a Status error; treat as other if it does.
+                    None => DeliveryError::retry(ErrorLabel::Other, message),
+                }
+            }
+        }
+    }
+}
+
+/// A webhook destination.
+pub struct WebhookDestination {
+    client: client::Client,
+}
+
+#[async_trait]
+impl Destination for WebhookDestination {
+    fn backend(&self) -> &'static str {
+        "webhook"
+    }
+
+    async fn send(&self, record: &OutgoingRecord) -> Result<(), DeliveryError> {
+        self.client.post(record).await.map_err(Into::into)
+    }
+}

@@ -1,0 +1,199 @@
+//! The delivery error vocabulary shared by every backend, the dispatcher and
+//! the metrics (SPEC section 7), and the disposition of a failed attempt.
+
+use std::fmt;
+use std::time::Duration;
+
+/// The bounded `error_message` label. Raw error text never becomes a label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorLabel {
+    /// The destination did not answer in time.
+    Timeout,
+    /// The destination asked us to slow down (429 or its equivalent).
+    Throttled,
+    /// Credentials missing or wrong (401).
+    Unauthorized,
+    /// Credentials valid but not allowed (403).
+    Forbidden,
+    /// The destination resource does not exist (404, missing queue or stream).
+    NotFound,
+    /// The record is over the destination's size limit.
+    PayloadTooLarge,
+    /// Could not connect, or the connection dropped.
+    ConnectionFailed,
+    /// The destination refused this record (400, unroutable, nack).
+    Rejected,
+    /// The destination failed on its side (5xx).
+    ServerError,
+    /// The record outlived `delivery.max_record_age`.
+    RecordExpired,
+    /// Anything else.
+    Other,
+}
+
+impl ErrorLabel {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorLabel::Timeout => "timeout",
+            ErrorLabel::Throttled => "throttled",
+            ErrorLabel::Unauthorized => "unauthorized",
+            ErrorLabel::Forbidden => "forbidden",
+            ErrorLabel::NotFound => "not_found",
+            ErrorLabel::PayloadTooLarge => "payload_too_large",
+            ErrorLabel::ConnectionFailed => "connection_failed",
+            ErrorLabel::Rejected => "rejected",
+            ErrorLabel::ServerError => "server_error",
+            ErrorLabel::RecordExpired => "record_expired",
+            ErrorLabel::Other => "other",
+        }
+    }
+}
+
+impl fmt::Display for ErrorLabel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the dispatcher does after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Try again later; `after` is the destination's hint (Retry-After).
+    Retry {
+        /// Server-suggested delay, clamped to `delivery.max_backoff` by the caller.
+        after: Option<Duration>,
+    },
+    /// Retrying cannot help: dead-letter now.
+    Permanent,
+}
+
+/// A failed delivery attempt, classified. Backends convert their own error
+/// enums into this with an exhaustive match.
+#[derive(Debug, thiserror::Error)]
+#[error("{label}: {message}")]
+pub struct DeliveryError {
+    /// Metric label.
+    pub label: ErrorLabel,
+    /// Retry or not.
+    pub disposition: Disposition,
+    /// Human text for logs and the journal's `last_error`.
+    pub message: String,
+    /// The underlying error, if any.
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl DeliveryError {
+    /// A retryable error.
+    pub fn retry(label: ErrorLabel, message: impl Into<String>) -> Self {
+        Self {
+            label,
+            disposition: Disposition::Retry { after: None },
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A permanent error.
+    pub fn permanent(label: ErrorLabel, message: impl Into<String>) -> Self {
+        Self {
+            label,
+            disposition: Disposition::Permanent,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// Adds the server's retry hint.
+    pub fn with_retry_after(mut self, after: Option<Duration>) -> Self {
+        if let Disposition::Retry { after: slot } = &mut self.disposition {
+            *slot = after;
+        }
+        self
+    }
+
+    /// Keeps the cause.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// Whether another attempt may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self.disposition, Disposition::Retry { .. })
+    }
+
+    /// Message with the whole source chain, for logs and the journal.
+    pub fn full_message(&self) -> String {
+        let mut out = self.message.clone();
+        let mut cause: Option<&(dyn std::error::Error + 'static)> =
+            self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static));
+        while let Some(e) = cause {
+            let text = e.to_string();
+            if !out.contains(&text) {
+                out.push_str(": ");
+                out.push_str(&text);
+            }
+            cause = e.source();
+        }
+        out
+    }
+}
+
+/// Classifies an HTTP status answered by a destination (webhooks, OCI).
+/// Returns `None` for 2xx.
+pub fn classify_http_status(status: u16) -> Option<(ErrorLabel, bool)> {
+    let retryable = true;
+    Some(match status {
+        200..=299 => return None,
+        401 => (ErrorLabel::Unauthorized, !retryable),
+        403 => (ErrorLabel::Forbidden, !retryable),
+        404 | 410 => (ErrorLabel::NotFound, !retryable),
+        413 => (ErrorLabel::PayloadTooLarge, !retryable),
+        408 => (ErrorLabel::Timeout, retryable),
+        429 => (ErrorLabel::Throttled, retryable),
+        500..=599 => (ErrorLabel::ServerError, retryable),
+        // 1xx/3xx (redirects are not followed) and the remaining 4xx: the
+        // destination refused this request as it is.
+        _ => (ErrorLabel::Rejected, !retryable),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_status_table() {
+        let table: &[(u16, Option<(&str, bool)>)] = &[
+            (200, None),
+            (204, None),
+            (301, Some(("rejected", false))),
+            (400, Some(("rejected", false))),
+            (401, Some(("unauthorized", false))),
+            (403, Some(("forbidden", false))),
+            (404, Some(("not_found", false))),
+            (408, Some(("timeout", true))),
+            (413, Some(("payload_too_large", false))),
+            (422, Some(("rejected", false))),
+            (429, Some(("throttled", true))),
+            (500, Some(("server_error", true))),
+            (503, Some(("server_error", true))),
+        ];
+        for (status, want) in table {
+            let got = classify_http_status(*status).map(|(l, r)| (l.as_str(), r));
+            assert_eq!(got, *want, "status {status}");
+        }
+    }
+
+    #[test]
+    fn full_message_keeps_the_chain() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = DeliveryError::retry(ErrorLabel::ConnectionFailed, "POST failed").with_source(io);
+        assert_eq!(e.full_message(), "POST failed: refused");
+        assert!(e.is_retryable());
+        let p = DeliveryError::permanent(ErrorLabel::Rejected, "400").with_retry_after(Some(Duration::from_secs(1)));
+        assert_eq!(p.disposition, Disposition::Permanent);
+    }
+}

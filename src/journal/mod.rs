@@ -1,0 +1,225 @@
+//! The journal: the durable store of accepted records and their delivery
+//! state. Only this module touches the database.
+//!
+//! States: `pending` (waiting for `next_attempt_at`), `inflight` (claimed by
+//! a worker), `delivered`, `dead`, `skipped` (NONE destination). A record
+//! leaves `pending`/`inflight` only by a confirmed delivery or a dead letter.
+//! `inflight` rows go back to `pending` when the journal opens, so a crash
+//! loses nothing (at-least-once).
+//!
+//! The [`Journal`] trait is the seam for other stores (a PostgreSQL journal
+//! shared by replicas would claim work with `FOR UPDATE SKIP LOCKED`).
+
+mod sqlite;
+
+pub use sqlite::{SqliteJournal, now_ms};
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::record::{DestKind, DestinationType};
+
+/// A record to append at accept time.
+#[derive(Debug, Clone)]
+pub struct NewRecord {
+    /// ULID made at accept.
+    pub id: String,
+    /// Idempotency key.
+    pub fn_call_id: String,
+    /// Function id.
+    pub function_id: String,
+    /// Success or failure.
+    pub destination_type: DestinationType,
+    /// `None` for a NONE destination: journaled as `skipped`.
+    pub target: Option<Target>,
+    /// The record JSON.
+    pub body: String,
+    /// Accept time, Unix milliseconds.
+    pub accepted_at_ms: i64,
+}
+
+/// Where a record goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Kind.
+    pub kind: DestKind,
+    /// Resource id.
+    pub resource_id: String,
+    /// Channel (QUEUE only).
+    pub channel_id: Option<String>,
+}
+
+/// Result of appending one record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// The record id: the new one, or the one already stored for this fnCallId.
+    pub id: String,
+    /// True if this fnCallId was already journaled (nothing new was written).
+    pub existing: bool,
+}
+
+/// A record claimed for delivery.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// Record id.
+    pub id: String,
+    /// fnCallId.
+    pub fn_call_id: String,
+    /// Function id.
+    pub function_id: String,
+    /// Success or failure.
+    pub destination_type: DestinationType,
+    /// Destination.
+    pub target: Target,
+    /// Record JSON.
+    pub body: String,
+    /// Attempts made before this claim.
+    pub attempts: u32,
+    /// Accept time, Unix ms.
+    pub accepted_at_ms: i64,
+    /// Start of the `max_record_age` window (accept, or last replay), Unix ms.
+    pub age_from_ms: i64,
+}
+
+/// What happened to a claimed record.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Confirmed by the destination.
+    Delivered {
+        /// Record id.
+        id: String,
+        /// Attempts including this one.
+        attempts: u32,
+    },
+    /// Failed; try again at `next_attempt_at_ms`.
+    Retry {
+        /// Record id.
+        id: String,
+        /// Attempts including this one.
+        attempts: u32,
+        /// When.
+        next_attempt_at_ms: i64,
+        /// Error text.
+        error: String,
+    },
+    /// Not attempted (breaker open, shutdown): back to pending without
+    /// counting an attempt.
+    Release {
+        /// Record id.
+        id: String,
+        /// When it may be claimed again.
+        next_attempt_at_ms: i64,
+    },
+    /// Given up.
+    Dead {
+        /// Record id.
+        id: String,
+        /// Attempts made.
+        attempts: u32,
+        /// Error text.
+        error: String,
+        /// The error label, kept for listing.
+        label: String,
+    },
+}
+
+/// A dead letter as the admin API lists it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    /// Record id.
+    pub id: String,
+    /// fnCallId.
+    pub fn_call_id: String,
+    /// Function id.
+    pub function_id: String,
+    /// `Success` or `Failure`.
+    pub destination_type: String,
+    /// `QUEUE`, `STREAM`, `NOTIFICATION`.
+    pub destination_kind: String,
+    /// Resource id.
+    pub destination_id: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Error label.
+    pub error_message: String,
+    /// Last error text.
+    pub last_error: String,
+    /// Accept time, RFC 3339.
+    pub accepted_at: String,
+    /// The record JSON.
+    pub record: serde_json::Value,
+}
+
+/// Gauges refreshed at scrape time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Records waiting for delivery (pending + inflight).
+    pub pending: u64,
+    /// Accept time of the oldest of them, Unix ms.
+    pub oldest_pending_ms: Option<i64>,
+    /// Dead letters in the journal.
+    pub dead: u64,
+    /// Database size on disk, bytes.
+    pub size_bytes: u64,
+}
+
+/// A journal operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// The database reported an error.
+    #[error("journal database error")]
+    Sqlite(#[from] rusqlite::Error),
+    /// Opening the file or its directory failed.
+    #[error("cannot open journal at {path}")]
+    Open {
+        /// Database path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The transaction holding this command failed to commit.
+    #[error("journal commit failed: {0}")]
+    Commit(String),
+    /// The journal's writer thread has stopped.
+    #[error("journal is closed")]
+    Closed,
+}
+
+/// The journal seam.
+#[async_trait]
+pub trait Journal: Send + Sync + 'static {
+    /// Appends a batch in one transaction, idempotent on fnCallId. Returns
+    /// once the batch is durable, one [`Appended`] per input in order.
+    async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, JournalError>;
+
+    /// Claims up to `limit` pending records due at `now_ms`, oldest due first,
+    /// and marks them inflight.
+    async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Vec<Claimed>, JournalError>;
+
+    /// The earliest `next_attempt_at` of pending records.
+    async fn next_due(&self) -> Result<Option<i64>, JournalError>;
+
+    /// Records outcomes.
+    async fn complete(&self, outcomes: Vec<Outcome>) -> Result<(), JournalError>;
+
+    /// Dead letters, oldest first, after the given id.
+    async fn list_dead(&self, after: Option<String>, limit: usize) -> Result<Vec<DeadLetter>, JournalError>;
+
+    /// Moves dead letters (all, or the given ids) back to pending with zero
+    /// attempts; returns how many.
+    async fn replay_dead(&self, ids: Option<Vec<String>>, now_ms: i64) -> Result<u64, JournalError>;
+
+    /// Deletes delivered and skipped records that reached that state before `before_ms`.
+    async fn prune(&self, before_ms: i64) -> Result<u64, JournalError>;
+
+    /// Current gauges.
+    async fn stats(&self) -> Result<Stats, JournalError>;
+
+    /// Proves a write transaction commits (readiness).
+    async fn check_writable(&self) -> Result<(), JournalError>;
+
+    /// Records waiting for delivery, kept in memory for the high-water check.
+    fn pending(&self) -> u64;
+}

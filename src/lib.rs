@@ -1,0 +1,144 @@
+//! fnrelay delivers the results of detached function invocations: the
+//! runtime posts a completion event, fnrelay journals it durably, builds a
+//! versioned invocation record and delivers it, with retries, to the
+//! function's success or failure destination, counting every outcome.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML + environment configuration and its validation.
+//!   Nothing else parses configuration.
+//! - [`api`]: HTTP ingest, admin, metrics and health endpoints. Never calls
+//!   a destination; answers 202 only after the journal commit.
+//! - [`record`]: event validation and the invocation record v1.0. Pure.
+//! - [`journal`]: the durable store (SQLite, group commit) behind the
+//!   [`journal::Journal`] trait. The only module that touches the database.
+//! - [`dispatch`]: claims due records, runs the worker pool, retry policy
+//!   (backoff) and circuit breakers, writes outcomes back.
+//! - [`destination`]: the [`destination::Destination`] trait and one folder
+//!   per backend. The only modules that talk to networks or brokers.
+//! - [`metrics`]: every Prometheus metric, with bounded labels.
+//! - [`error`]: the delivery error vocabulary and dispositions.
+//! - [`shutdown`]: signals to the cancellation token.
+//!
+//! Delivery is at least once: every destination must tolerate a duplicate
+//! that carries the same record id.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod config;
+pub mod destination;
+pub mod dispatch;
+pub mod error;
+pub mod journal;
+pub mod metrics;
+pub mod record;
+pub mod shutdown;
+
+use std::sync::{Arc, Mutex};
+
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::journal::{Journal, SqliteJournal};
+
+/// The daemon could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The bearer token file could not be read.
+    #[error("cannot read server.auth_token_file {path}")]
+    Token {
+        /// The file.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The journal could not be opened.
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
+    /// A destination could not be built.
+    #[error(transparent)]
+    Destination(#[from] destination::BuildError),
+    /// The HTTP server failed.
+    #[error("HTTP server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Runs the daemon on `listener` until `shutdown` fires, then stops
+/// accepting, lets in-flight deliveries finish (up to
+/// `server.shutdown_timeout`) and returns. Records not yet delivered stay in
+/// the journal for the next start.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), RunError> {
+    config.validate()?;
+    let token = match (&config.server.auth_token_file, &config.server.auth_token) {
+        (Some(path), _) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|source| RunError::Token {
+                    path: path.display().to_string(),
+                    source,
+                })?
+                .trim()
+                .to_string(),
+        ),
+        (None, Some(t)) => Some(t.trim().to_string()),
+        (None, None) => None,
+    };
+    let journal: Arc<dyn Journal> = Arc::new(SqliteJournal::open(
+        &config.journal.path,
+        config.journal.max_group_commit,
+    )?);
+    let registry = destination::Registry::build(&config)?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    let wake = Arc::new(Notify::new());
+    let tracker = TaskTracker::new();
+    let stop_delivery = CancellationToken::new();
+    let config = Arc::new(config);
+
+    dispatch::start(
+        journal.clone(),
+        registry,
+        metrics.clone(),
+        config.delivery.clone(),
+        config.journal.delivered_retention,
+        wake.clone(),
+        &tracker,
+        stop_delivery.clone(),
+    );
+
+    let state = Arc::new(api::AppState {
+        config: config.clone(),
+        journal: journal.clone(),
+        metrics,
+        wake,
+        shutdown: shutdown.clone(),
+        token,
+        ulids: Mutex::new(ulid::Generator::new()),
+    });
+    let addr = listener.local_addr().map_err(RunError::Serve)?;
+    tracing::info!(%addr, journal = %config.journal.path.display(), "fnrelay listening");
+    let served = axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+
+    // Ingest has stopped; now stop delivery and wait for in-flight sends.
+    stop_delivery.cancel();
+    tracker.close();
+    if tokio::time::timeout(config.server.shutdown_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "shutdown timeout reached with deliveries still in flight; they stay in the journal and are retried at the next start"
+        );
+    }
+    tracing::info!("fnrelay stopped");
+    served.map_err(RunError::Serve)
+}

@@ -1,0 +1,208 @@
+//! The `fnrelay` binary: parses the command line, sets up logging and calls
+//! [`fnrelay::run`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use fnrelay::config::{self, Config, LogFormat, Source};
+use tokio_util::sync::CancellationToken;
+
+/// Delivers the results of detached function invocations to their success
+/// and failure destinations, with retries.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (TOML). Without it, the embedded default is used.
+    #[arg(long, short, env = "FNRELAY_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (the default).
+    Run,
+    /// Validate the configuration and exit 0, or non-zero naming every problem.
+    CheckConfig,
+    /// Print the embedded default configuration.
+    PrintDefaultConfig,
+    /// List or replay dead letters through a running daemon's admin API.
+    DeadLetters {
+        /// Base URL of the daemon.
+        #[arg(long, default_value = "http://127.0.0.1:8080", env = "FNRELAY_URL")]
+        url: String,
+        /// File holding the bearer token, if the daemon requires one.
+        #[arg(long, env = "FNRELAY_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        #[command(subcommand)]
+        action: DeadAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadAction {
+    /// Print dead letters as JSON lines.
+    List {
+        /// Most to print.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Put dead letters back in the delivery queue.
+    Replay {
+        /// Record ids to replay.
+        #[arg(long = "id")]
+        ids: Vec<String>,
+        /// Replay every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+}
+
+fn load(path: Option<&PathBuf>) -> Result<Config, config::ConfigError> {
+    let config = match path {
+        Some(p) => config::load(Source::File(p))?,
+        None => config::load(Source::Text(config::DEFAULT_TOML))?,
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::CheckConfig => match load(cli.config.as_ref()) {
+            Ok(_) => {
+                let what = cli.config.as_ref().map_or("embedded default".to_string(), |p| p.display().to_string());
+                println!("configuration OK: {what}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::PrintDefaultConfig => {
+            print!("{}", config::DEFAULT_TOML);
+            ExitCode::SUCCESS
+        }
+        Command::Run => {
+            let config = match load(cli.config.as_ref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            init_logging(&config);
+            match serve(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("fnrelay: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::DeadLetters {
+            url,
+            token_file,
+            action,
+        } => match dead_letters(&url, token_file.as_ref(), action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fnrelay: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&config.server.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (server.listen)", config.server.listen))?;
+        let shutdown = CancellationToken::new();
+        fnrelay::shutdown::on_signal(shutdown.clone());
+        fnrelay::run(config, listener, shutdown).await?;
+        Ok(())
+    })
+}
+
+fn dead_letters(url: &str, token_file: Option<&PathBuf>, action: DeadAction) -> anyhow::Result<()> {
+    let token = match token_file {
+        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?),
+        None => None,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let client = reqwest::Client::new();
+        let auth = |r: reqwest::RequestBuilder| match &token {
+            Some(t) => r.bearer_auth(t.trim()),
+            None => r,
+        };
+        match action {
+            DeadAction::List { limit } => {
+                let mut after: Option<String> = None;
+                let mut printed = 0;
+                while printed < limit {
+                    let mut params = vec![("limit", (limit - printed).min(1000).to_string())];
+                    if let Some(a) = &after {
+                        params.push(("after", a.clone()));
+                    }
+                    let page_url = url::Url::parse_with_params(&format!("{url}/v1/dead-letters"), &params)
+                        .with_context(|| format!("bad --url {url}"))?;
+                    let resp = auth(client.get(page_url)).send().await.context("cannot reach the daemon")?;
+                    if !resp.status().is_success() {
+                        bail!("daemon answered {}: {}", resp.status(), resp.text().await.unwrap_or_default());
+                    }
+                    let page: serde_json::Value = resp.json().await?;
+                    let items = page["deadLetters"].as_array().cloned().unwrap_or_default();
+                    for item in &items {
+                        println!("{item}");
+                    }
+                    printed += items.len();
+                    match page["next"].as_str() {
+                        Some(n) if !items.is_empty() => after = Some(n.to_string()),
+                        _ => break,
+                    }
+                }
+            }
+            DeadAction::Replay { ids, all } => {
+                if ids.is_empty() && !all {
+                    bail!("give --id ID (repeatable) or --all");
+                }
+                let body = if all {
+                    serde_json::json!({"all": true})
+                } else {
+                    serde_json::json!({"ids": ids})
+                };
+                let resp = auth(client.post(format!("{url}/v1/dead-letters/replay")).json(&body))
+                    .send()
+                    .await
+                    .context("cannot reach the daemon")?;
+                let status = resp.status();
+                let text = resp.text().await.unwrap_or_default();
+                if !status.is_success() {
+                    bail!("daemon answered {status}: {text}");
+                }
+                println!("{text}");
+            }
+        }
+        Ok(())
+    })
+}

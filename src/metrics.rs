@@ -1,0 +1,261 @@
+//! Every metric in one place (SPEC section 7). Labels are bounded: kinds,
+//! outcomes, the error vocabulary, and configured resource ids (bounded by
+//! the config). Never a record id, a URL or raw error text.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::error::ErrorLabel;
+use crate::journal::Stats;
+use crate::record::{DestKind, DestinationType};
+
+/// Labels of `function_detached_deliveries_total`, exactly as SPEC section 7 names them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    /// `Success` or `Error`.
+    pub response_type: &'static str,
+    /// Empty on success, else the error vocabulary.
+    pub error_message: &'static str,
+    /// `Success` or `Failure`.
+    pub destination_type: &'static str,
+    /// `QUEUE`, `STREAM` or `NOTIFICATION`.
+    pub destination_kind: &'static str,
+    /// Resource id.
+    pub destination_id: String,
+}
+
+/// Labels of delivery attempts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    /// `success`, `retry` (retryable failure) or `permanent`.
+    pub outcome: &'static str,
+    /// Empty on success, else the error vocabulary.
+    pub error_message: &'static str,
+    /// Destination kind.
+    pub destination_kind: &'static str,
+    /// Resource id.
+    pub destination_id: String,
+}
+
+/// Labels naming one destination resource.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationLabels {
+    /// Destination kind.
+    pub destination_kind: &'static str,
+    /// Resource id.
+    pub destination_id: String,
+}
+
+/// Labels of skipped records.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SkippedLabels {
+    /// `Success` or `Failure`.
+    pub destination_type: &'static str,
+}
+
+/// The daemon's metrics.
+pub struct Metrics {
+    registry: Registry,
+    deliveries: Family<DeliveryLabels, Counter>,
+    attempts: Family<AttemptLabels, Counter>,
+    accepted: Counter,
+    duplicates: Counter,
+    skipped: Family<SkippedLabels, Counter>,
+    latency: Family<DestinationLabels, Histogram>,
+    breaker: Family<DestinationLabels, Gauge>,
+    pending: Gauge,
+    oldest_age: Gauge<f64, AtomicU64>,
+    dead: Gauge,
+    journal_bytes: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let deliveries = Family::<DeliveryLabels, Counter>::default();
+        // The encoder appends `_total`.
+        registry.register(
+            "function_detached_deliveries",
+            "Invocation records by final outcome: delivered (Success) or dead-lettered (Error)",
+            deliveries.clone(),
+        );
+        let attempts = Family::<AttemptLabels, Counter>::default();
+        registry.register(
+            "fnrelay_delivery_attempts",
+            "Delivery attempts by outcome",
+            attempts.clone(),
+        );
+        let accepted = Counter::default();
+        registry.register(
+            "fnrelay_events_accepted",
+            "Completion events newly journaled (re-posts of a known fnCallId excluded)",
+            accepted.clone(),
+        );
+        let duplicates = Counter::default();
+        registry.register(
+            "fnrelay_events_duplicate",
+            "Completion events re-posted with a fnCallId already journaled",
+            duplicates.clone(),
+        );
+        let skipped = Family::<SkippedLabels, Counter>::default();
+        registry.register(
+            "fnrelay_records_skipped",
+            "Records not sent because their destination is NONE or missing",
+            skipped.clone(),
+        );
+        let latency = Family::<DestinationLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 20))
+        });
+        registry.register(
+            "fnrelay_delivery_latency_seconds",
+            "Time from accept to confirmed delivery",
+            latency.clone(),
+        );
+        let breaker = Family::<DestinationLabels, Gauge>::default();
+        registry.register(
+            "fnrelay_circuit_breaker_state",
+            "Circuit breaker per destination: 0 closed, 1 open, 2 half-open",
+            breaker.clone(),
+        );
+        let pending = Gauge::default();
+        registry.register("fnrelay_pending_records", "Records waiting for delivery", pending.clone());
+        let oldest_age = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "fnrelay_oldest_pending_age_seconds",
+            "Age of the oldest record waiting for delivery",
+            oldest_age.clone(),
+        );
+        let dead = Gauge::default();
+        registry.register("fnrelay_dead_letters", "Dead-lettered records in the journal", dead.clone());
+        let journal_bytes = Gauge::default();
+        registry.register("fnrelay_journal_size_bytes", "Journal size on disk", journal_bytes.clone());
+        Self {
+            registry,
+            deliveries,
+            attempts,
+            accepted,
+            duplicates,
+            skipped,
+            latency,
+            breaker,
+            pending,
+            oldest_age,
+            dead,
+            journal_bytes,
+        }
+    }
+
+    /// Counts one record's final outcome.
+    pub fn delivery(&self, dt: DestinationType, kind: DestKind, id: &str, error: Option<ErrorLabel>) {
+        self.deliveries
+            .get_or_create(&DeliveryLabels {
+                response_type: if error.is_none() { "Success" } else { "Error" },
+                error_message: error.map_or("", ErrorLabel::as_str),
+                destination_type: dt.as_str(),
+                destination_kind: kind.as_str(),
+                destination_id: id.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts one attempt.
+    pub fn attempt(&self, kind: DestKind, id: &str, outcome: &'static str, error: Option<ErrorLabel>) {
+        self.attempts
+            .get_or_create(&AttemptLabels {
+                outcome,
+                error_message: error.map_or("", ErrorLabel::as_str),
+                destination_kind: kind.as_str(),
+                destination_id: id.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts accepted events.
+    pub fn accepted(&self, new: u64, duplicate: u64) {
+        self.accepted.inc_by(new);
+        self.duplicates.inc_by(duplicate);
+    }
+
+    /// Counts a skipped record.
+    pub fn skipped(&self, dt: DestinationType) {
+        self.skipped
+            .get_or_create(&SkippedLabels {
+                destination_type: dt.as_str(),
+            })
+            .inc();
+    }
+
+    /// Observes accept-to-delivery latency.
+    pub fn latency(&self, kind: DestKind, id: &str, seconds: f64) {
+        self.latency
+            .get_or_create(&DestinationLabels {
+                destination_kind: kind.as_str(),
+                destination_id: id.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    /// Sets a breaker state gauge.
+    pub fn breaker_state(&self, kind: DestKind, id: &str, state: i64) {
+        self.breaker
+            .get_or_create(&DestinationLabels {
+                destination_kind: kind.as_str(),
+                destination_id: id.to_string(),
+            })
+            .set(state);
+    }
+
+    /// Refreshes the journal gauges.
+    pub fn journal(&self, stats: &Stats, now_ms: i64) {
+        self.pending.set(stats.pending as i64);
+        self.dead.set(stats.dead as i64);
+        self.journal_bytes.set(stats.size_bytes as i64);
+        let age = stats
+            .oldest_pending_ms
+            .map_or(0.0, |t| ((now_ms - t).max(0)) as f64 / 1000.0);
+        self.oldest_age.set(age);
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}
+
+/// Shared handle.
+pub type SharedMetrics = Arc<Metrics>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_counter_has_the_spec_name_and_labels() {
+        let m = Metrics::new();
+        m.delivery(DestinationType::Failure, DestKind::Queue, "failures", Some(ErrorLabel::Rejected));
+        m.delivery(DestinationType::Success, DestKind::Stream, "results", None);
+        let text = m.encode();
+        assert!(text.contains(
+            r#"function_detached_deliveries_total{response_type="Error",error_message="rejected",destination_type="Failure",destination_kind="QUEUE",destination_id="failures"} 1"#
+        ), "{text}");
+        assert!(text.contains(
+            r#"function_detached_deliveries_total{response_type="Success",error_message="",destination_type="Success",destination_kind="STREAM",destination_id="results"} 1"#
+        ), "{text}");
+    }
+}

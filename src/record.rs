@@ -1,0 +1,683 @@
+//! Completion events and invocation records: parsing and validating the
+//! ingest body (SPEC section 2) and building the record v1.0 (SPEC section 3).
+//!
+//! Pure code: no I/O, no clock except what callers pass in.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::config::DestSpec;
+
+/// Destination kind (OCI names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DestKind {
+    /// A queue.
+    Queue,
+    /// A stream.
+    Stream,
+    /// A notification topic.
+    Notification,
+}
+
+impl DestKind {
+    /// `QUEUE`, `STREAM` or `NOTIFICATION`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DestKind::Queue => "QUEUE",
+            DestKind::Stream => "STREAM",
+            DestKind::Notification => "NOTIFICATION",
+        }
+    }
+
+    /// Parses the OCI name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "QUEUE" => Some(DestKind::Queue),
+            "STREAM" => Some(DestKind::Stream),
+            "NOTIFICATION" => Some(DestKind::Notification),
+            _ => None,
+        }
+    }
+
+    /// The config table holding resources of this kind.
+    pub fn table(self) -> &'static str {
+        match self {
+            DestKind::Queue => "queues",
+            DestKind::Stream => "streams",
+            DestKind::Notification => "topics",
+        }
+    }
+
+    /// The field naming a resource of this kind in a `Dest`.
+    pub fn id_field(self) -> &'static str {
+        match self {
+            DestKind::Queue => "queueId",
+            DestKind::Stream => "streamId",
+            DestKind::Notification => "topicId",
+        }
+    }
+}
+
+/// Success or failure destination (OCI `DESTINATIONTYPE` values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DestinationType {
+    /// Status 2xx.
+    Success,
+    /// Any other status.
+    Failure,
+}
+
+impl DestinationType {
+    /// `Success` or `Failure`, as the metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DestinationType::Success => "Success",
+            DestinationType::Failure => "Failure",
+        }
+    }
+
+    /// `success` or `failure`, as the log line of SPEC section 5 words it.
+    pub fn lower(self) -> &'static str {
+        match self {
+            DestinationType::Success => "success",
+            DestinationType::Failure => "failure",
+        }
+    }
+
+    /// Parses [`DestinationType::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "Success" => Some(DestinationType::Success),
+            "Failure" => Some(DestinationType::Failure),
+            _ => None,
+        }
+    }
+
+    /// Which side a function's status goes to.
+    pub fn for_status(status: u16) -> Self {
+        if (200..300).contains(&status) {
+            DestinationType::Success
+        } else {
+            DestinationType::Failure
+        }
+    }
+}
+
+/// Limits applied to events (from `[server]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most events per batch.
+    pub max_batch_size: usize,
+    /// Longest id field, bytes.
+    pub max_id_bytes: usize,
+    /// Longest errorMessage, bytes.
+    pub max_error_message_bytes: usize,
+}
+
+/// A validated completion event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// Platform call id; the idempotency key of ingest.
+    pub fn_call_id: String,
+    /// Function id.
+    pub function_id: String,
+    /// Application id.
+    pub application_id: String,
+    /// Compartment id.
+    pub compartment_id: String,
+    /// Request id the caller got.
+    pub opc_request_id: Option<String>,
+    /// The function's HTTP status.
+    pub status: u16,
+    /// Error code, if any.
+    pub error_code: Option<String>,
+    /// Error text, if any.
+    pub error_message: Option<String>,
+    /// When the invocation ended; `None` means the time of accept.
+    pub timestamp: Option<OffsetDateTime>,
+    /// Inline destination for success, overriding routes.
+    pub success: Option<DestSpec>,
+    /// Inline destination for failure, overriding routes.
+    pub failure: Option<DestSpec>,
+}
+
+impl Completion {
+    /// Success or failure, by status.
+    pub fn destination_type(&self) -> DestinationType {
+        DestinationType::for_status(self.status)
+    }
+}
+
+/// One bad field of a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    /// JSON path of the field, e.g. `completions[2].status`.
+    pub field: String,
+    /// Why it is rejected.
+    pub reason: String,
+}
+
+impl FieldError {
+    /// Builds a field error.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+const EVENT_FIELDS: &[&str] = &[
+    "fnCallId",
+    "functionId",
+    "applicationId",
+    "compartmentId",
+    "opcRequestId",
+    "status",
+    "errorCode",
+    "errorMessage",
+    "timestamp",
+    "destinations",
+];
+
+/// Parses an ingest body: one event, or `{"completions": [...]}`.
+/// Returns every bad field, or the events in order.
+pub fn parse_body(body: &[u8], limits: &Limits) -> Result<Vec<Completion>, Vec<FieldError>> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| vec![FieldError::new("body", format!("not valid JSON: {e}"))])?;
+    let Value::Object(mut top) = value else {
+        return Err(vec![FieldError::new("body", "must be a JSON object")]);
+    };
+    if let Some(list) = top.remove("completions") {
+        if let Some(other) = top.keys().next() {
+            return Err(vec![FieldError::new(
+                other.clone(),
+                "unexpected field beside `completions`",
+            )]);
+        }
+        let Value::Array(items) = list else {
+            return Err(vec![FieldError::new("completions", "must be an array")]);
+        };
+        if items.is_empty() {
+            return Err(vec![FieldError::new("completions", "must not be empty")]);
+        }
+        if items.len() > limits.max_batch_size {
+            return Err(vec![FieldError::new(
+                "completions",
+                format!(
+                    "{} events exceed the batch limit of {} (server.max_batch_size)",
+                    items.len(),
+                    limits.max_batch_size
+                ),
+            )]);
+        }
+        let mut events = Vec::with_capacity(items.len());
+        let mut errors = Vec::new();
+        for (i, item) in items.into_iter().enumerate() {
+            match parse_event(item, &format!("completions[{i}]."), limits) {
+                Ok(e) => events.push(e),
+                Err(mut e) => errors.append(&mut e),
+            }
+        }
+        if errors.is_empty() {
+            Ok(events)
+        } else {
+            Err(errors)
+        }
+    } else {
+        parse_event(Value::Object(top), "", limits).map(|e| vec![e])
+    }
+}
+
+fn parse_event(value: Value, prefix: &str, limits: &Limits) -> Result<Completion, Vec<FieldError>> {
+    let Value::Object(obj) = value else {
+        let field = prefix.trim_end_matches('.');
+        return Err(vec![FieldError::new(
+            if field.is_empty() { "body" } else { field },
+            "must be a JSON object",
+        )]);
+    };
+    let mut errors = Vec::new();
+    let path = |name: &str| format!("{prefix}{name}");
+
+    for key in obj.keys() {
+        if !EVENT_FIELDS.contains(&key.as_str()) {
+            errors.push(FieldError::new(path(key), "unknown field"));
+        }
+    }
+
+    let mut id = |name: &str, required: bool| -> Option<String> {
+        match obj.get(name) {
+            None | Some(Value::Null) if required => {
+                errors.push(FieldError::new(path(name), "is required"));
+                None
+            }
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.is_empty() => {
+                errors.push(FieldError::new(path(name), "must not be empty"));
+                None
+            }
+            Some(Value::String(s)) if s.len() > limits.max_id_bytes => {
+                errors.push(FieldError::new(
+                    path(name),
+                    format!(
+                        "is {} bytes, over the limit of {} (server.max_id_bytes)",
+                        s.len(),
+                        limits.max_id_bytes
+                    ),
+                ));
+                None
+            }
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => {
+                errors.push(FieldError::new(path(name), "must be a string"));
+                None
+            }
+        }
+    };
+    let fn_call_id = id("fnCallId", true);
+    let function_id = id("functionId", true);
+    let application_id = id("applicationId", true);
+    let compartment_id = id("compartmentId", true);
+    let opc_request_id = id("opcRequestId", false);
+    let error_code = id("errorCode", false);
+
+    let error_message = match obj.get("errorMessage") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.len() > limits.max_error_message_bytes => {
+            errors.push(FieldError::new(
+                path("errorMessage"),
+                format!(
+                    "is {} bytes, over the limit of {} (server.max_error_message_bytes)",
+                    s.len(),
+                    limits.max_error_message_bytes
+                ),
+            ));
+            None
+        }
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => {
+            errors.push(FieldError::new(path("errorMessage"), "must be a string or null"));
+            None
+        }
+    };
+
+    let status = match obj.get("status") {
+        None | Some(Value::Null) => {
+            errors.push(FieldError::new(path("status"), "is required"));
+            None
+        }
+        Some(v) => match parse_status(v) {
+            Ok(s) => Some(s),
+            Err(reason) => {
+                errors.push(FieldError::new(path("status"), reason));
+                None
+            }
+        },
+    };
+
+    let timestamp = match obj.get("timestamp") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => match OffsetDateTime::parse(s, &Rfc3339) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                errors.push(FieldError::new(
+                    path("timestamp"),
+                    format!("not an RFC 3339 timestamp ({e})"),
+                ));
+                None
+            }
+        },
+        Some(_) => {
+            errors.push(FieldError::new(path("timestamp"), "must be an RFC 3339 string"));
+            None
+        }
+    };
+
+    let (mut success, mut failure) = (None, None);
+    match obj.get("destinations") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(d)) => {
+            for key in d.keys() {
+                if key != "success" && key != "failure" {
+                    errors.push(FieldError::new(
+                        path(&format!("destinations.{key}")),
+                        "unknown field (expected success or failure)",
+                    ));
+                }
+            }
+            for (side, slot) in [("success", &mut success), ("failure", &mut failure)] {
+                if let Some(v) = d.get(side) {
+                    match parse_dest(v, &path(&format!("destinations.{side}")), limits) {
+                        Ok(dest) => *slot = Some(dest),
+                        Err(mut e) => errors.append(&mut e),
+                    }
+                }
+            }
+        }
+        Some(_) => errors.push(FieldError::new(path("destinations"), "must be an object")),
+    }
+
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Completion {
+        fn_call_id: fn_call_id.expect("checked"),
+        function_id: function_id.expect("checked"),
+        application_id: application_id.expect("checked"),
+        compartment_id: compartment_id.expect("checked"),
+        opc_request_id,
+        status: status.expect("checked"),
+        error_code,
+        error_message,
+        timestamp,
+        success,
+        failure,
+    })
+}
+
+fn parse_status(v: &Value) -> Result<u16, String> {
+    let n = match v {
+        Value::Number(n) => n
+            .as_u64()
+            .ok_or_else(|| format!("{n} is not an integer between 100 and 599"))?,
+        Value::String(s) => s
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| format!("\"{s}\" is not an integer between 100 and 599"))?,
+        _ => return Err("must be an integer or a numeric string".into()),
+    };
+    if (100..=599).contains(&n) {
+        Ok(n as u16)
+    } else {
+        Err(format!("{n} is out of range 100-599"))
+    }
+}
+
+fn parse_dest(v: &Value, path: &str, limits: &Limits) -> Result<DestSpec, Vec<FieldError>> {
+    let Value::Object(obj) = v else {
+        return Err(vec![FieldError::new(path, "must be an object")]);
+    };
+    let kind = match obj.get("kind") {
+        Some(Value::String(k)) if k == "NONE" => None,
+        Some(Value::String(k)) => match DestKind::parse(k) {
+            Some(kind) => Some(kind),
+            None => {
+                return Err(vec![FieldError::new(
+                    format!("{path}.kind"),
+                    format!("unknown kind `{k}` (expected NONE, QUEUE, STREAM or NOTIFICATION)"),
+                )]);
+            }
+        },
+        None => return Err(vec![FieldError::new(format!("{path}.kind"), "is required")]),
+        Some(_) => return Err(vec![FieldError::new(format!("{path}.kind"), "must be a string")]),
+    };
+    let mut errors = Vec::new();
+    let allowed: &[&str] = match kind {
+        None => &["kind"],
+        Some(DestKind::Queue) => &["kind", "queueId", "channelId"],
+        Some(DestKind::Stream) => &["kind", "streamId"],
+        Some(DestKind::Notification) => &["kind", "topicId"],
+    };
+    for key in obj.keys() {
+        if !allowed.contains(&key.as_str()) {
+            errors.push(FieldError::new(
+                format!("{path}.{key}"),
+                format!("not a field of a {} destination", kind.map_or("NONE", DestKind::as_str)),
+            ));
+        }
+    }
+    let mut string = |name: &str, required: bool| -> Option<String> {
+        match obj.get(name) {
+            None | Some(Value::Null) if required => {
+                errors.push(FieldError::new(format!("{path}.{name}"), "is required"));
+                None
+            }
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.is_empty() || s.len() > limits.max_id_bytes => {
+                errors.push(FieldError::new(
+                    format!("{path}.{name}"),
+                    format!("must be 1 to {} bytes", limits.max_id_bytes),
+                ));
+                None
+            }
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => {
+                errors.push(FieldError::new(format!("{path}.{name}"), "must be a string"));
+                None
+            }
+        }
+    };
+    let dest = match kind {
+        None => Some(DestSpec::None),
+        Some(DestKind::Queue) => {
+            let queue_id = string("queueId", true);
+            let channel_id = string("channelId", false);
+            queue_id.map(|queue_id| DestSpec::Queue {
+                queue_id,
+                channel_id,
+            })
+        }
+        Some(DestKind::Stream) => string("streamId", true).map(|stream_id| DestSpec::Stream { stream_id }),
+        Some(DestKind::Notification) => {
+            string("topicId", true).map(|topic_id| DestSpec::Notification { topic_id })
+        }
+    };
+    match dest {
+        Some(d) if errors.is_empty() => Ok(d),
+        _ => Err(errors),
+    }
+}
+
+/// The invocation record v1.0 (SPEC section 3). Field order is the OCI order.
+#[derive(Debug, Serialize)]
+pub struct InvocationRecord<'a> {
+    /// ULID fixed at accept.
+    pub id: &'a str,
+    /// Always `1.0`.
+    pub version: &'static str,
+    /// The invocation's details.
+    pub data: RecordData<'a>,
+}
+
+/// `data` of the record.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecordData<'a> {
+    compartment_id: &'a str,
+    function_id: &'a str,
+    application_id: &'a str,
+    request: RecordRequest<'a>,
+    response: RecordResponse<'a>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RecordRequest<'a> {
+    opc_request_id: Option<&'a str>,
+    fn_call_id: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RecordResponse<'a> {
+    status: String,
+    error_code: Option<&'a str>,
+    error_message: Option<&'a str>,
+    timestamp: String,
+}
+
+/// Formats a time as the record does: UTC, milliseconds, `Z`.
+pub fn format_timestamp(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+/// Builds the record JSON for an event accepted at `accepted_at` with `id`.
+pub fn build_record(id: &str, event: &Completion, accepted_at: OffsetDateTime) -> String {
+    let success = event.destination_type() == DestinationType::Success;
+    let record = InvocationRecord {
+        id,
+        version: "1.0",
+        data: RecordData {
+            compartment_id: &event.compartment_id,
+            function_id: &event.function_id,
+            application_id: &event.application_id,
+            request: RecordRequest {
+                opc_request_id: event.opc_request_id.as_deref(),
+                fn_call_id: &event.fn_call_id,
+            },
+            response: RecordResponse {
+                status: event.status.to_string(),
+                // The record carries no error on success (SPEC section 3).
+                error_code: if success { None } else { event.error_code.as_deref() },
+                error_message: if success { None } else { event.error_message.as_deref() },
+                timestamp: format_timestamp(event.timestamp.unwrap_or(accepted_at)),
+            },
+        },
+    };
+    serde_json::to_string(&record).expect("record serializes")
+}
+
+/// Returns the record's `data.response.errorMessage` replaced by a truncated
+/// one so that the JSON fits in `max_bytes`; `None` if it cannot fit.
+/// Backends with size limits use it rather than dropping a record.
+pub fn truncate_to_fit(record_json: &str, max_bytes: usize) -> Option<String> {
+    if record_json.len() <= max_bytes {
+        return Some(record_json.to_string());
+    }
+    let mut value: Value = serde_json::from_str(record_json).ok()?;
+    let response: &mut Map<String, Value> = value
+        .get_mut("data")?
+        .get_mut("response")?
+        .as_object_mut()?;
+    let message = response.get("errorMessage")?.as_str()?.to_string();
+    const MARKER: &str = "...[truncated]";
+    let excess = record_json.len() - max_bytes + MARKER.len() + 16;
+    if excess >= message.len() {
+        return None;
+    }
+    let mut cut = message.len() - excess;
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    response.insert(
+        "errorMessage".into(),
+        Value::String(format!("{}{MARKER}", &message[..cut])),
+    );
+    let out = serde_json::to_string(&value).ok()?;
+    (out.len() <= max_bytes).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_batch_size: 3,
+        max_id_bytes: 32,
+        max_error_message_bytes: 32,
+    };
+
+    fn fields(body: &str) -> Vec<String> {
+        match parse_body(body.as_bytes(), &LIMITS) {
+            Ok(_) => vec![],
+            Err(e) => e.into_iter().map(|f| f.field).collect(),
+        }
+    }
+
+    const GOOD: &str = r#"{"fnCallId":"c1","functionId":"f","applicationId":"a","compartmentId":"k","status":200}"#;
+
+    #[test]
+    fn good_event_parses() {
+        let events = parse_body(GOOD.as_bytes(), &LIMITS).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].status, 200);
+        assert_eq!(events[0].destination_type(), DestinationType::Success);
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases: &[(&str, &[&str])] = &[
+            (r#"{"functionId":"f","applicationId":"a","compartmentId":"k","status":200}"#, &["fnCallId"]),
+            (r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":600}"#, &["status"]),
+            (r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":"abc"}"#, &["status"]),
+            (r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":99.5}"#, &["status"]),
+            (r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":200,"timestamp":"yesterday"}"#, &["timestamp"]),
+            (r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":200,"destinations":{"success":{"kind":"BUCKET"}}}"#, &["destinations.success.kind"]),
+            (r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":200,"destinations":{"failure":{"kind":"QUEUE"}}}"#, &["destinations.failure.queueId"]),
+            (r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":200,"destinations":{"failure":{"kind":"STREAM","queueId":"q","streamId":"s"}}}"#, &["destinations.failure.queueId"]),
+            (r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":500,"errorMessage":"0123456789012345678901234567890123"}"#, &["errorMessage"]),
+            (r#"{"fnCallId":"c0123456789012345678901234567890123456789","functionId":7,"applicationId":"","compartmentId":"k","status":200,"extra":1}"#, &["extra", "fnCallId", "functionId", "applicationId"]),
+            (r#"[1]"#, &["body"]),
+            (r#"{"#, &["body"]),
+        ];
+        for (body, want) in cases {
+            assert_eq!(fields(body), *want, "{body}");
+        }
+    }
+
+    #[test]
+    fn batch_errors_carry_the_index_and_limits_hold() {
+        let body = format!(r#"{{"completions":[{GOOD},{{"fnCallId":"x"}}]}}"#);
+        let got = fields(&body);
+        assert_eq!(
+            got,
+            [
+                "completions[1].functionId",
+                "completions[1].applicationId",
+                "completions[1].compartmentId",
+                "completions[1].status"
+            ]
+        );
+        let four = format!(r#"{{"completions":[{GOOD},{GOOD},{GOOD},{GOOD}]}}"#);
+        assert_eq!(fields(&four), ["completions"]);
+        assert_eq!(fields(r#"{"completions":[]}"#), ["completions"]);
+    }
+
+    #[test]
+    fn numeric_string_status_and_record_shape() {
+        let body = r#"{"fnCallId":"c1","functionId":"f","applicationId":"a","compartmentId":"k","opcRequestId":"r","status":"502","errorCode":"FunctionInvokeExecutionFailed","errorMessage":"function failed","timestamp":"2024-08-11T23:47:41.264+02:00"}"#;
+        let event = parse_body(body.as_bytes(), &LIMITS).unwrap().remove(0);
+        let json = build_record("01K1Q6K12C1BT01KRZJ000HKB9", &event, OffsetDateTime::UNIX_EPOCH);
+        assert_eq!(
+            json,
+            r#"{"id":"01K1Q6K12C1BT01KRZJ000HKB9","version":"1.0","data":{"compartmentId":"k","functionId":"f","applicationId":"a","request":{"opcRequestId":"r","fnCallId":"c1"},"response":{"status":"502","errorCode":"FunctionInvokeExecutionFailed","errorMessage":"function failed","timestamp":"2024-08-11T21:47:41.264Z"}}}"#
+        );
+    }
+
+    #[test]
+    fn success_record_has_null_errors_and_accept_time() {
+        let mut event = parse_body(GOOD.as_bytes(), &LIMITS).unwrap().remove(0);
+        event.error_code = Some("X".into());
+        let at = OffsetDateTime::from_unix_timestamp_nanos(1_723_412_861_264_000_000).unwrap();
+        let json = build_record("ID", &event, at);
+        assert!(json.contains(r#""response":{"status":"200","errorCode":null,"errorMessage":null,"timestamp":"2024-08-11T21:47:41.264Z"}"#), "{json}");
+        assert!(json.contains(r#""opcRequestId":null"#));
+    }
+
+    #[test]
+    fn truncation_keeps_the_record_valid_and_marked() {
+        let mut event = parse_body(GOOD.as_bytes(), &LIMITS).unwrap().remove(0);
+        event.status = 500;
+        event.error_message = Some("é".repeat(500));
+        let json = build_record("ID", &event, OffsetDateTime::UNIX_EPOCH);
+        let cut = truncate_to_fit(&json, 400).unwrap();
+        assert!(cut.len() <= 400);
+        let v: Value = serde_json::from_str(&cut).unwrap();
+        assert!(v["data"]["response"]["errorMessage"].as_str().unwrap().ends_with("...[truncated]"));
+        assert_eq!(truncate_to_fit(&json, 50), None);
+        assert_eq!(truncate_to_fit(&json, 100_000).as_deref(), Some(json.as_str()));
+    }
+}
