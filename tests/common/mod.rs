@@ -1,0 +1,323 @@
+//! Test harness: the real daemon (in-process on port 0, or the real binary),
+//! a programmable webhook receiver (a real HTTP server), and helpers that
+//! wait on conditions with timeouts instead of sleeping.
+
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tokio_util::sync::CancellationToken;
+
+/// A daemon running in this process.
+pub struct Daemon {
+    pub url: String,
+    pub dir: Option<tempfile::TempDir>,
+    pub http: reqwest::Client,
+    cancel: CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), fnrelay::RunError>>>,
+}
+
+/// Writes `toml` (with `{dir}` replaced by a fresh temp dir) and starts the
+/// daemon on an ephemeral port.
+pub async fn start(toml: &str) -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    start_in(toml, dir).await
+}
+
+/// Like [`start`] in a given directory (restart on the same journal).
+pub async fn start_in(toml: &str, dir: tempfile::TempDir) -> Daemon {
+    let text = toml.replace("{dir}", dir.path().to_str().unwrap());
+    let config = fnrelay::config::load_with_env(fnrelay::config::Source::Text(&text), Some(Default::default()))
+        .expect("test config parses");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(fnrelay::run(config, listener, cancel.clone()));
+    let daemon = Daemon {
+        url,
+        dir: Some(dir),
+        http: reqwest::Client::new(),
+        cancel,
+        task: Some(task),
+    };
+    wait_until("daemon ready", Duration::from_secs(10), || async {
+        daemon
+            .http
+            .get(format!("{}/readyz", daemon.url))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    daemon
+}
+
+impl Daemon {
+    /// POSTs a JSON body to the ingest endpoint.
+    pub async fn post(&self, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .post(format!("{}/v1/completions", self.url))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// The /metrics text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until a metric reaches `want`.
+    pub async fn wait_metric(&self, name_and_labels: &str, want: f64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = self.metrics().await;
+            let got = metric(&text, name_and_labels);
+            if got == want {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("metric {name_and_labels} is {got}, want {want}\n{text}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Stops the daemon as SIGTERM would and returns the temp dir.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        self.cancel.cancel();
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("daemon stops in time")
+            .unwrap()
+            .expect("daemon exits cleanly");
+        self.dir.take().unwrap()
+    }
+
+    /// Reads a JSON-lines file under the temp dir.
+    pub fn lines(&self, rel: &str) -> Vec<serde_json::Value> {
+        read_lines(&self.path().join(rel))
+    }
+
+    /// The daemon's temp dir.
+    pub fn path(&self) -> &Path {
+        self.dir.as_ref().unwrap().path()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Parses a JSON-lines file (missing file = no lines).
+pub fn read_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect()
+}
+
+/// Value of a sample in Prometheus text, by its exact name and label text
+/// (e.g. `fnrelay_pending_records` or `foo_total{a="b"}`); 0 if absent.
+pub fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            (key == name_and_labels).then(|| value.parse().unwrap())
+        })
+        .unwrap_or(0.0)
+}
+
+/// The delivery counter's sample name for one label combination.
+pub fn deliveries(response: &str, error: &str, dt: &str, kind: &str, id: &str) -> String {
+    format!(
+        "function_detached_deliveries_total{{response_type=\"{response}\",error_message=\"{error}\",destination_type=\"{dt}\",destination_kind=\"{kind}\",destination_id=\"{id}\"}}"
+    )
+}
+
+/// Polls `cond` until it holds, or panics after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !cond().await {
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A completion event.
+pub fn event(call: &str, status: u16) -> serde_json::Value {
+    serde_json::json!({
+        "fnCallId": call,
+        "functionId": "ocid1.fnfunc.oc1..f",
+        "applicationId": "ocid1.fnapp.oc1..a",
+        "compartmentId": "ocid1.compartment.oc1..c",
+        "opcRequestId": format!("req-{call}"),
+        "status": status,
+        "errorCode": if status >= 300 { serde_json::json!("FunctionInvokeExecutionFailed") } else { serde_json::Value::Null },
+        "errorMessage": if status >= 300 { serde_json::json!("function failed") } else { serde_json::Value::Null },
+    })
+}
+
+/// One request the receiver saw.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub at: Instant,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+}
+
+/// A scripted answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub retry_after: Option<String>,
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    script: Mutex<VecDeque<Answer>>,
+    default_status: Mutex<u16>,
+    seen: Mutex<Vec<Seen>>,
+}
+
+/// A real HTTP webhook receiver whose answers the test scripts.
+pub struct Receiver {
+    pub addr: SocketAddr,
+    state: Arc<ReceiverState>,
+    cancel: CancellationToken,
+}
+
+impl Receiver {
+    /// Starts on an ephemeral port.
+    pub async fn start() -> Self {
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts on a given address.
+    pub async fn start_on(addr: SocketAddr) -> Self {
+        let state = Arc::new(ReceiverState::default());
+        *state.default_status.lock().unwrap() = 200;
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        let app = Router::new()
+            .fallback(handle)
+            .with_state(state.clone());
+        let stop = cancel.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+                .unwrap();
+        });
+        Self { addr, state, cancel }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    /// Queues answers; once used up, the default status answers.
+    pub fn script(&self, answers: &[(u16, Option<&str>)]) {
+        let mut s = self.state.script.lock().unwrap();
+        for (status, ra) in answers {
+            s.push_back(Answer {
+                status: *status,
+                retry_after: ra.map(str::to_string),
+            });
+        }
+    }
+
+    pub fn set_default(&self, status: u16) {
+        *self.state.default_status.lock().unwrap() = status;
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    pub fn stop(&self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn handle(State(state): State<Arc<ReceiverState>>, headers: HeaderMap, body: Bytes) -> Response {
+    state.seen.lock().unwrap().push(Seen {
+        headers,
+        body,
+        at: Instant::now(),
+    });
+    let answer = state.script.lock().unwrap().pop_front();
+    let answer = answer.unwrap_or(Answer {
+        status: *state.default_status.lock().unwrap(),
+        retry_after: None,
+    });
+    let mut r = (StatusCode::from_u16(answer.status).unwrap(), "answer").into_response();
+    if let Some(ra) = answer.retry_after {
+        r.headers_mut().insert("retry-after", ra.parse().unwrap());
+    }
+    r
+}
+
+/// A free loopback port (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Path of the real binary.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fnrelay"))
+}
