@@ -37,6 +37,9 @@ struct Shared {
     breakers: HashMap<ResourceKey, Breaker>,
     metrics: Arc<Metrics>,
     policy: DeliveryConfig,
+    /// Wakes the claim loop when a record is rescheduled, so its next due
+    /// time is seen without waiting for the idle poll.
+    wake: Arc<Notify>,
 }
 
 /// Starts the dispatcher, the workers and the pruner on `tracker`. They stop
@@ -69,6 +72,7 @@ pub fn start(
         breakers,
         metrics,
         policy,
+        wake: wake.clone(),
     });
     let (tx, rx) = mpsc::channel::<Claimed>(workers * 2);
     let rx = Arc::new(Mutex::new(rx));
@@ -356,7 +360,7 @@ impl Shared {
                     error
                 );
             }
-            Outcome::Retry { .. } | Outcome::Release { .. } => {}
+            Outcome::Retry { .. } | Outcome::Release { .. } => self.wake.notify_one(),
         }
     }
 }
