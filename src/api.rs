@@ -198,7 +198,13 @@ async fn ingest(
     };
     let events = parse_body(&body, &limits).map_err(ApiError::BadRequest)?;
     let batch = events.len() > 1 || body_is_batch(&body);
-    let prefix = |i: usize| if batch { format!("completions[{i}].") } else { String::new() };
+    let prefix = |i: usize| {
+        if batch {
+            format!("completions[{i}].")
+        } else {
+            String::new()
+        }
+    };
 
     let config = &state.config;
     let mut bad = Vec::new();
@@ -210,7 +216,10 @@ async fn ingest(
                 && let Err(reason) = config.check_dest(dest)
             {
                 let field = dest.target().map_or("kind", |(k, _)| k.id_field());
-                bad.push(FieldError::new(format!("{}destinations.{side}.{field}", prefix(i)), reason));
+                bad.push(FieldError::new(
+                    format!("{}destinations.{side}.{field}", prefix(i)),
+                    reason,
+                ));
             }
         }
         let dt = event.destination_type();
@@ -320,8 +329,20 @@ fn resolve(config: &Config, event: &Completion, dt: DestinationType) -> Option<D
         DestinationType::Failure => event.failure.clone(),
     };
     inline
-        .or_else(|| config.routes.functions.get(&event.function_id).and_then(side))
-        .or_else(|| config.routes.applications.get(&event.application_id).and_then(side))
+        .or_else(|| {
+            config
+                .routes
+                .functions
+                .get(&event.function_id)
+                .and_then(side)
+        })
+        .or_else(|| {
+            config
+                .routes
+                .applications
+                .get(&event.application_id)
+                .and_then(side)
+        })
         .or_else(|| side(&config.routes.default))
 }
 
@@ -359,7 +380,9 @@ async fn list_dead(
         tracing::error!(error = %e, "cannot list dead letters");
         ApiError::Internal
     })?;
-    let next = (dead.len() == limit).then(|| dead.last().map(|d| d.id.clone())).flatten();
+    let next = (dead.len() == limit)
+        .then(|| dead.last().map(|d| d.id.clone()))
+        .flatten();
     Ok(Json(json!({"deadLetters": dead, "next": next})))
 }
 
@@ -390,10 +413,14 @@ async fn replay_dead(
             )]));
         }
     };
-    let n = state.journal.replay_dead(ids, now_ms()).await.map_err(|e| {
-        tracing::error!(error = %e, "cannot replay dead letters");
-        ApiError::Internal
-    })?;
+    let n = state
+        .journal
+        .replay_dead(ids, now_ms())
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot replay dead letters");
+            ApiError::Internal
+        })?;
     tracing::info!(records = n, "dead letters replayed on request");
     state.wake.notify_one();
     Ok(Json(json!({"replayed": n})))

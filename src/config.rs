@@ -370,7 +370,9 @@ pub fn load_with_env(
                 .format(config::FileFormat::Toml)
                 .required(true),
         ),
-        Source::Text(text) => builder.add_source(config::File::from_str(text, config::FileFormat::Toml)),
+        Source::Text(text) => {
+            builder.add_source(config::File::from_str(text, config::FileFormat::Toml))
+        }
     };
     let environment = config::Environment::with_prefix("FNRELAY")
         .prefix_separator("__")
@@ -400,9 +402,10 @@ impl Config {
         }
         if let Some(path) = &self.server.auth_token_file {
             match std::fs::read_to_string(path) {
-                Ok(t) if t.trim().is_empty() => {
-                    bad("server.auth_token_file", format!("{} is empty", path.display()))
-                }
+                Ok(t) if t.trim().is_empty() => bad(
+                    "server.auth_token_file",
+                    format!("{} is empty", path.display()),
+                ),
                 Ok(_) => {}
                 Err(e) => bad(
                     "server.auth_token_file",
@@ -423,7 +426,10 @@ impl Config {
             ("server.max_body_bytes", self.server.max_body_bytes),
             ("server.max_batch_size", self.server.max_batch_size),
             ("server.max_id_bytes", self.server.max_id_bytes),
-            ("server.max_error_message_bytes", self.server.max_error_message_bytes),
+            (
+                "server.max_error_message_bytes",
+                self.server.max_error_message_bytes,
+            ),
             ("delivery.workers", self.delivery.workers),
             ("journal.max_group_commit", self.journal.max_group_commit),
         ] {
@@ -442,7 +448,10 @@ impl Config {
             bad("delivery.max_attempts", "must be at least 1".into());
         }
         if d.breaker_failure_threshold == 0 {
-            bad("delivery.breaker_failure_threshold", "must be at least 1".into());
+            bad(
+                "delivery.breaker_failure_threshold",
+                "must be at least 1".into(),
+            );
         }
         for (key, value) in [
             ("delivery.max_record_age", d.max_record_age),
@@ -536,7 +545,9 @@ impl Config {
     }
 
     /// `(table name, kind, resources)` for the three resource tables.
-    pub fn resource_tables(&self) -> [(&'static str, DestKind, &BTreeMap<String, ResourceConfig>); 3] {
+    pub fn resource_tables(
+        &self,
+    ) -> [(&'static str, DestKind, &BTreeMap<String, ResourceConfig>); 3] {
         [
             ("queues", DestKind::Queue, &self.queues),
             ("streams", DestKind::Stream, &self.streams),
@@ -679,8 +690,14 @@ mod tests {
     #[test]
     fn unknown_backend_key_and_bad_duration_fail_loading() {
         for (text, needle) in [
-            ("[queues.q]\nbackend = \"carrier-pigeon\"\npath = \"x\"", "carrier-pigeon"),
-            ("[queues.q]\nbackend = \"file\"\npath = \"x\"\ncolour = 1", "colour"),
+            (
+                "[queues.q]\nbackend = \"carrier-pigeon\"\npath = \"x\"",
+                "carrier-pigeon",
+            ),
+            (
+                "[queues.q]\nbackend = \"file\"\npath = \"x\"\ncolour = 1",
+                "colour",
+            ),
             ("[delivery]\nmax_backoff = \"five minutes\"", "five minutes"),
             ("[server]\nlisten_on = \"x\"", "listen_on"),
         ] {
@@ -692,9 +709,15 @@ mod tests {
     #[test]
     fn environment_overrides_nested_keys() {
         let env = [
-            ("FNRELAY__SERVER__LISTEN".to_string(), "0.0.0.0:9999".to_string()),
+            (
+                "FNRELAY__SERVER__LISTEN".to_string(),
+                "0.0.0.0:9999".to_string(),
+            ),
             ("FNRELAY__DELIVERY__WORKERS".to_string(), "3".to_string()),
-            ("FNRELAY__DELIVERY__MAX_BACKOFF".to_string(), "7s".to_string()),
+            (
+                "FNRELAY__DELIVERY__MAX_BACKOFF".to_string(),
+                "7s".to_string(),
+            ),
         ]
         .into_iter()
         .collect();

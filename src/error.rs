@@ -127,8 +127,10 @@ impl DeliveryError {
     /// Message with the whole source chain, for logs and the journal.
     pub fn full_message(&self) -> String {
         let mut out = self.message.clone();
-        let mut cause: Option<&(dyn std::error::Error + 'static)> =
-            self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static));
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = self
+            .source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static));
         while let Some(e) = cause {
             let text = e.to_string();
             if !out.contains(&text) {
@@ -193,7 +195,8 @@ mod tests {
         let e = DeliveryError::retry(ErrorLabel::ConnectionFailed, "POST failed").with_source(io);
         assert_eq!(e.full_message(), "POST failed: refused");
         assert!(e.is_retryable());
-        let p = DeliveryError::permanent(ErrorLabel::Rejected, "400").with_retry_after(Some(Duration::from_secs(1)));
+        let p = DeliveryError::permanent(ErrorLabel::Rejected, "400")
+            .with_retry_after(Some(Duration::from_secs(1)));
         assert_eq!(p.disposition, Disposition::Permanent);
     }
 }

@@ -76,7 +76,11 @@ pub enum RunError {
 /// accepting, lets in-flight deliveries finish (up to
 /// `server.shutdown_timeout`) and returns. Records not yet delivered stay in
 /// the journal for the next start.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), RunError> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
     config.validate()?;
     let token = match (&config.server.auth_token_file, &config.server.auth_token) {
         (Some(path), _) => Some(
@@ -103,12 +107,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let config = Arc::new(config);
 
     dispatch::start(
-        journal.clone(),
-        registry,
-        metrics.clone(),
-        config.delivery.clone(),
-        config.journal.delivered_retention,
-        wake.clone(),
+        dispatch::Parts {
+            journal: journal.clone(),
+            registry,
+            metrics: metrics.clone(),
+            policy: config.delivery.clone(),
+            retention: config.journal.delivered_retention,
+            wake: wake.clone(),
+        },
         &tracker,
         stop_delivery.clone(),
     );

@@ -73,7 +73,9 @@ fn load(path: Option<&PathBuf>) -> Result<Config, config::ConfigError> {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -85,7 +87,10 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => match load(cli.config.as_ref()) {
             Ok(_) => {
-                let what = cli.config.as_ref().map_or("embedded default".to_string(), |p| p.display().to_string());
+                let what = cli
+                    .config
+                    .as_ref()
+                    .map_or("embedded default".to_string(), |p| p.display().to_string());
                 println!("configuration OK: {what}");
                 ExitCode::SUCCESS
             }
@@ -131,11 +136,15 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&config.server.listen)
             .await
-            .with_context(|| format!("cannot listen on {} (server.listen)", config.server.listen))?;
+            .with_context(|| {
+                format!("cannot listen on {} (server.listen)", config.server.listen)
+            })?;
         let shutdown = CancellationToken::new();
         fnrelay::shutdown::on_signal(shutdown.clone());
         fnrelay::run(config, listener, shutdown).await?;
@@ -145,10 +154,14 @@ fn serve(config: Config) -> anyhow::Result<()> {
 
 fn dead_letters(url: &str, token_file: Option<&PathBuf>, action: DeadAction) -> anyhow::Result<()> {
     let token = match token_file {
-        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?),
+        Some(p) => Some(
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+        ),
         None => None,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let client = reqwest::Client::new();
         let auth = |r: reqwest::RequestBuilder| match &token {
@@ -164,11 +177,19 @@ fn dead_letters(url: &str, token_file: Option<&PathBuf>, action: DeadAction) -> 
                     if let Some(a) = &after {
                         params.push(("after", a.clone()));
                     }
-                    let page_url = url::Url::parse_with_params(&format!("{url}/v1/dead-letters"), &params)
-                        .with_context(|| format!("bad --url {url}"))?;
-                    let resp = auth(client.get(page_url)).send().await.context("cannot reach the daemon")?;
+                    let page_url =
+                        url::Url::parse_with_params(&format!("{url}/v1/dead-letters"), &params)
+                            .with_context(|| format!("bad --url {url}"))?;
+                    let resp = auth(client.get(page_url))
+                        .send()
+                        .await
+                        .context("cannot reach the daemon")?;
                     if !resp.status().is_success() {
-                        bail!("daemon answered {}: {}", resp.status(), resp.text().await.unwrap_or_default());
+                        bail!(
+                            "daemon answered {}: {}",
+                            resp.status(),
+                            resp.text().await.unwrap_or_default()
+                        );
                     }
                     let page: serde_json::Value = resp.json().await?;
                     let items = page["deadLetters"].as_array().cloned().unwrap_or_default();
@@ -191,10 +212,14 @@ fn dead_letters(url: &str, token_file: Option<&PathBuf>, action: DeadAction) -> 
                 } else {
                     serde_json::json!({"ids": ids})
                 };
-                let resp = auth(client.post(format!("{url}/v1/dead-letters/replay")).json(&body))
-                    .send()
-                    .await
-                    .context("cannot reach the daemon")?;
+                let resp = auth(
+                    client
+                        .post(format!("{url}/v1/dead-letters/replay"))
+                        .json(&body),
+                )
+                .send()
+                .await
+                .context("cannot reach the daemon")?;
                 let status = resp.status();
                 let text = resp.text().await.unwrap_or_default();
                 if !status.is_success() {

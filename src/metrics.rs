@@ -132,7 +132,11 @@ impl Metrics {
             breaker.clone(),
         );
         let pending = Gauge::default();
-        registry.register("fnrelay_pending_records", "Records waiting for delivery", pending.clone());
+        registry.register(
+            "fnrelay_pending_records",
+            "Records waiting for delivery",
+            pending.clone(),
+        );
         let oldest_age = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "fnrelay_oldest_pending_age_seconds",
@@ -140,9 +144,17 @@ impl Metrics {
             oldest_age.clone(),
         );
         let dead = Gauge::default();
-        registry.register("fnrelay_dead_letters", "Dead-lettered records in the journal", dead.clone());
+        registry.register(
+            "fnrelay_dead_letters",
+            "Dead-lettered records in the journal",
+            dead.clone(),
+        );
         let journal_bytes = Gauge::default();
-        registry.register("fnrelay_journal_size_bytes", "Journal size on disk", journal_bytes.clone());
+        registry.register(
+            "fnrelay_journal_size_bytes",
+            "Journal size on disk",
+            journal_bytes.clone(),
+        );
         Self {
             registry,
             deliveries,
@@ -160,7 +172,13 @@ impl Metrics {
     }
 
     /// Counts one record's final outcome.
-    pub fn delivery(&self, dt: DestinationType, kind: DestKind, id: &str, error: Option<ErrorLabel>) {
+    pub fn delivery(
+        &self,
+        dt: DestinationType,
+        kind: DestKind,
+        id: &str,
+        error: Option<ErrorLabel>,
+    ) {
         self.deliveries
             .get_or_create(&DeliveryLabels {
                 response_type: if error.is_none() { "Success" } else { "Error" },
@@ -173,7 +191,13 @@ impl Metrics {
     }
 
     /// Counts one attempt.
-    pub fn attempt(&self, kind: DestKind, id: &str, outcome: &'static str, error: Option<ErrorLabel>) {
+    pub fn attempt(
+        &self,
+        kind: DestKind,
+        id: &str,
+        outcome: &'static str,
+        error: Option<ErrorLabel>,
+    ) {
         self.attempts
             .get_or_create(&AttemptLabels {
                 outcome,
@@ -233,7 +257,8 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
         out
     }
 }
@@ -248,7 +273,12 @@ mod tests {
     #[test]
     fn delivery_counter_has_the_spec_name_and_labels() {
         let m = Metrics::new();
-        m.delivery(DestinationType::Failure, DestKind::Queue, "failures", Some(ErrorLabel::Rejected));
+        m.delivery(
+            DestinationType::Failure,
+            DestKind::Queue,
+            "failures",
+            Some(ErrorLabel::Rejected),
+        );
         m.delivery(DestinationType::Success, DestKind::Stream, "results", None);
         let text = m.encode();
         assert!(text.contains(

@@ -299,7 +299,10 @@ fn parse_event(value: Value, prefix: &str, limits: &Limits) -> Result<Completion
         }
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => {
-            errors.push(FieldError::new(path("errorMessage"), "must be a string or null"));
+            errors.push(FieldError::new(
+                path("errorMessage"),
+                "must be a string or null",
+            ));
             None
         }
     };
@@ -331,7 +334,10 @@ fn parse_event(value: Value, prefix: &str, limits: &Limits) -> Result<Completion
             }
         },
         Some(_) => {
-            errors.push(FieldError::new(path("timestamp"), "must be an RFC 3339 string"));
+            errors.push(FieldError::new(
+                path("timestamp"),
+                "must be an RFC 3339 string",
+            ));
             None
         }
     };
@@ -412,7 +418,12 @@ fn parse_dest(v: &Value, path: &str, limits: &Limits) -> Result<DestSpec, Vec<Fi
             }
         },
         None => return Err(vec![FieldError::new(format!("{path}.kind"), "is required")]),
-        Some(_) => return Err(vec![FieldError::new(format!("{path}.kind"), "must be a string")]),
+        Some(_) => {
+            return Err(vec![FieldError::new(
+                format!("{path}.kind"),
+                "must be a string",
+            )]);
+        }
     };
     let mut errors = Vec::new();
     let allowed: &[&str] = match kind {
@@ -425,7 +436,10 @@ fn parse_dest(v: &Value, path: &str, limits: &Limits) -> Result<DestSpec, Vec<Fi
         if !allowed.contains(&key.as_str()) {
             errors.push(FieldError::new(
                 format!("{path}.{key}"),
-                format!("not a field of a {} destination", kind.map_or("NONE", DestKind::as_str)),
+                format!(
+                    "not a field of a {} destination",
+                    kind.map_or("NONE", DestKind::as_str)
+                ),
             ));
         }
     }
@@ -445,7 +459,10 @@ fn parse_dest(v: &Value, path: &str, limits: &Limits) -> Result<DestSpec, Vec<Fi
             }
             Some(Value::String(s)) => Some(s.clone()),
             Some(_) => {
-                errors.push(FieldError::new(format!("{path}.{name}"), "must be a string"));
+                errors.push(FieldError::new(
+                    format!("{path}.{name}"),
+                    "must be a string",
+                ));
                 None
             }
         }
@@ -460,7 +477,9 @@ fn parse_dest(v: &Value, path: &str, limits: &Limits) -> Result<DestSpec, Vec<Fi
                 channel_id,
             })
         }
-        Some(DestKind::Stream) => string("streamId", true).map(|stream_id| DestSpec::Stream { stream_id }),
+        Some(DestKind::Stream) => {
+            string("streamId", true).map(|stream_id| DestSpec::Stream { stream_id })
+        }
         Some(DestKind::Notification) => {
             string("topicId", true).map(|topic_id| DestSpec::Notification { topic_id })
         }
@@ -541,8 +560,16 @@ pub fn build_record(id: &str, event: &Completion, accepted_at: OffsetDateTime) -
             response: RecordResponse {
                 status: event.status.to_string(),
                 // The record carries no error on success (SPEC section 3).
-                error_code: if success { None } else { event.error_code.as_deref() },
-                error_message: if success { None } else { event.error_message.as_deref() },
+                error_code: if success {
+                    None
+                } else {
+                    event.error_code.as_deref()
+                },
+                error_message: if success {
+                    None
+                } else {
+                    event.error_message.as_deref()
+                },
                 timestamp: format_timestamp(event.timestamp.unwrap_or(accepted_at)),
             },
         },
@@ -610,16 +637,46 @@ mod tests {
     #[test]
     fn each_bad_field_is_named() {
         let cases: &[(&str, &[&str])] = &[
-            (r#"{"functionId":"f","applicationId":"a","compartmentId":"k","status":200}"#, &["fnCallId"]),
-            (r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":600}"#, &["status"]),
-            (r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":"abc"}"#, &["status"]),
-            (r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":99.5}"#, &["status"]),
-            (r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":200,"timestamp":"yesterday"}"#, &["timestamp"]),
-            (r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":200,"destinations":{"success":{"kind":"BUCKET"}}}"#, &["destinations.success.kind"]),
-            (r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":200,"destinations":{"failure":{"kind":"QUEUE"}}}"#, &["destinations.failure.queueId"]),
-            (r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":200,"destinations":{"failure":{"kind":"STREAM","queueId":"q","streamId":"s"}}}"#, &["destinations.failure.queueId"]),
-            (r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":500,"errorMessage":"0123456789012345678901234567890123"}"#, &["errorMessage"]),
-            (r#"{"fnCallId":"c0123456789012345678901234567890123456789","functionId":7,"applicationId":"","compartmentId":"k","status":200,"extra":1}"#, &["extra", "fnCallId", "functionId", "applicationId"]),
+            (
+                r#"{"functionId":"f","applicationId":"a","compartmentId":"k","status":200}"#,
+                &["fnCallId"],
+            ),
+            (
+                r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":600}"#,
+                &["status"],
+            ),
+            (
+                r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":"abc"}"#,
+                &["status"],
+            ),
+            (
+                r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":99.5}"#,
+                &["status"],
+            ),
+            (
+                r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":200,"timestamp":"yesterday"}"#,
+                &["timestamp"],
+            ),
+            (
+                r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":200,"destinations":{"success":{"kind":"BUCKET"}}}"#,
+                &["destinations.success.kind"],
+            ),
+            (
+                r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":200,"destinations":{"failure":{"kind":"QUEUE"}}}"#,
+                &["destinations.failure.queueId"],
+            ),
+            (
+                r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":200,"destinations":{"failure":{"kind":"STREAM","queueId":"q","streamId":"s"}}}"#,
+                &["destinations.failure.queueId"],
+            ),
+            (
+                r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":500,"errorMessage":"0123456789012345678901234567890123"}"#,
+                &["errorMessage"],
+            ),
+            (
+                r#"{"fnCallId":"c0123456789012345678901234567890123456789","functionId":7,"applicationId":"","compartmentId":"k","status":200,"extra":1}"#,
+                &["extra", "fnCallId", "functionId", "applicationId"],
+            ),
             (r#"[1]"#, &["body"]),
             (r#"{"#, &["body"]),
         ];
@@ -650,7 +707,11 @@ mod tests {
     fn numeric_string_status_and_record_shape() {
         let body = r#"{"fnCallId":"c1","functionId":"f","applicationId":"a","compartmentId":"k","opcRequestId":"r","status":"502","errorCode":"FunctionInvokeExecutionFailed","errorMessage":"function failed","timestamp":"2024-08-11T23:47:41.264+02:00"}"#;
         let event = parse_body(body.as_bytes(), &LIMITS).unwrap().remove(0);
-        let json = build_record("01K1Q6K12C1BT01KRZJ000HKB9", &event, OffsetDateTime::UNIX_EPOCH);
+        let json = build_record(
+            "01K1Q6K12C1BT01KRZJ000HKB9",
+            &event,
+            OffsetDateTime::UNIX_EPOCH,
+        );
         assert_eq!(
             json,
             r#"{"id":"01K1Q6K12C1BT01KRZJ000HKB9","version":"1.0","data":{"compartmentId":"k","functionId":"f","applicationId":"a","request":{"opcRequestId":"r","fnCallId":"c1"},"response":{"status":"502","errorCode":"FunctionInvokeExecutionFailed","errorMessage":"function failed","timestamp":"2024-08-11T21:47:41.264Z"}}}"#
@@ -676,8 +737,16 @@ mod tests {
         let cut = truncate_to_fit(&json, 400).unwrap();
         assert!(cut.len() <= 400);
         let v: Value = serde_json::from_str(&cut).unwrap();
-        assert!(v["data"]["response"]["errorMessage"].as_str().unwrap().ends_with("...[truncated]"));
+        assert!(
+            v["data"]["response"]["errorMessage"]
+                .as_str()
+                .unwrap()
+                .ends_with("...[truncated]")
+        );
         assert_eq!(truncate_to_fit(&json, 50), None);
-        assert_eq!(truncate_to_fit(&json, 100_000).as_deref(), Some(json.as_str()));
+        assert_eq!(
+            truncate_to_fit(&json, 100_000).as_deref(),
+            Some(json.as_str())
+        );
     }
 }

@@ -7,7 +7,9 @@ use tokio_util::sync::CancellationToken;
 pub fn on_signal(token: CancellationToken) {
     tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::info!("stop signal received: no new events accepted, finishing in-flight deliveries");
+        tracing::info!(
+            "stop signal received: no new events accepted, finishing in-flight deliveries"
+        );
         token.cancel();
     });
 }

@@ -40,22 +40,61 @@ failure = { kind = "NOTIFICATION", topicId = "alerts" }
 async fn every_bad_field_gets_400_naming_it() {
     let d = start(BASE).await;
     let cases: Vec<(serde_json::Value, &str)> = vec![
-        (json!({"functionId": "f", "applicationId": "a", "compartmentId": "c", "status": 200}), "fnCallId"),
-        (json!({"fnCallId": "x", "applicationId": "a", "compartmentId": "c", "status": 200}), "functionId"),
-        (json!({"fnCallId": "x", "functionId": "f", "compartmentId": "c", "status": 200}), "applicationId"),
-        (json!({"fnCallId": "x", "functionId": "f", "applicationId": "a", "status": 200}), "compartmentId"),
-        (json!({"fnCallId": "x", "functionId": "f", "applicationId": "a", "compartmentId": "c"}), "status"),
-        (json!({"fnCallId": "x", "functionId": "f", "applicationId": "a", "compartmentId": "c", "status": 99}), "status"),
-        (json!({"fnCallId": "x", "functionId": "f", "applicationId": "a", "compartmentId": "c", "status": "2x0"}), "status"),
-        (json!({"fnCallId": "x", "functionId": "f", "applicationId": "a", "compartmentId": "c", "status": 200, "timestamp": "11/08/2024"}), "timestamp"),
-        (json!({"fnCallId": "x", "functionId": "f", "applicationId": "a", "compartmentId": "c", "status": 200, "errorCode": 5}), "errorCode"),
-        (json!({"fnCallId": "x", "functionId": "f", "applicationId": "a", "compartmentId": "c", "status": 200,
-                "destinations": {"success": {"kind": "BUCKET"}}}), "destinations.success.kind"),
-        (json!({"fnCallId": "x", "functionId": "f", "applicationId": "a", "compartmentId": "c", "status": 500,
-                "destinations": {"failure": {"kind": "QUEUE"}}}), "destinations.failure.queueId"),
-        (json!({"fnCallId": "x", "functionId": "f", "applicationId": "a", "compartmentId": "c", "status": 500,
-                "destinations": {"failure": {"kind": "STREAM", "streamId": "nope"}}}), "destinations.failure.streamId"),
-        (json!({"fnCallId": "x", "functionId": "f", "applicationId": "a", "compartmentId": "c", "status": 200, "colour": "red"}), "colour"),
+        (
+            json!({"functionId": "f", "applicationId": "a", "compartmentId": "c", "status": 200}),
+            "fnCallId",
+        ),
+        (
+            json!({"fnCallId": "x", "applicationId": "a", "compartmentId": "c", "status": 200}),
+            "functionId",
+        ),
+        (
+            json!({"fnCallId": "x", "functionId": "f", "compartmentId": "c", "status": 200}),
+            "applicationId",
+        ),
+        (
+            json!({"fnCallId": "x", "functionId": "f", "applicationId": "a", "status": 200}),
+            "compartmentId",
+        ),
+        (
+            json!({"fnCallId": "x", "functionId": "f", "applicationId": "a", "compartmentId": "c"}),
+            "status",
+        ),
+        (
+            json!({"fnCallId": "x", "functionId": "f", "applicationId": "a", "compartmentId": "c", "status": 99}),
+            "status",
+        ),
+        (
+            json!({"fnCallId": "x", "functionId": "f", "applicationId": "a", "compartmentId": "c", "status": "2x0"}),
+            "status",
+        ),
+        (
+            json!({"fnCallId": "x", "functionId": "f", "applicationId": "a", "compartmentId": "c", "status": 200, "timestamp": "11/08/2024"}),
+            "timestamp",
+        ),
+        (
+            json!({"fnCallId": "x", "functionId": "f", "applicationId": "a", "compartmentId": "c", "status": 200, "errorCode": 5}),
+            "errorCode",
+        ),
+        (
+            json!({"fnCallId": "x", "functionId": "f", "applicationId": "a", "compartmentId": "c", "status": 200,
+                "destinations": {"success": {"kind": "BUCKET"}}}),
+            "destinations.success.kind",
+        ),
+        (
+            json!({"fnCallId": "x", "functionId": "f", "applicationId": "a", "compartmentId": "c", "status": 500,
+                "destinations": {"failure": {"kind": "QUEUE"}}}),
+            "destinations.failure.queueId",
+        ),
+        (
+            json!({"fnCallId": "x", "functionId": "f", "applicationId": "a", "compartmentId": "c", "status": 500,
+                "destinations": {"failure": {"kind": "STREAM", "streamId": "nope"}}}),
+            "destinations.failure.streamId",
+        ),
+        (
+            json!({"fnCallId": "x", "functionId": "f", "applicationId": "a", "compartmentId": "c", "status": 200, "colour": "red"}),
+            "colour",
+        ),
     ];
     for (body, field) in cases {
         let (status, answer) = d.post(&body).await;
@@ -74,7 +113,13 @@ async fn every_bad_field_gets_400_naming_it() {
                       "destinations": {"success": {"kind": "STREAM", "streamId": "nope"}}}))
         .await;
     assert_eq!(status, 400);
-    assert!(answer["message"].as_str().unwrap().contains("streamId `nope` is not defined"), "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("streamId `nope` is not defined"),
+        "{answer}"
+    );
 }
 
 #[tokio::test]
@@ -83,25 +128,45 @@ async fn a_batch_with_one_bad_event_journals_nothing() {
     let bad = json!({"completions": [event("b1", 200), event("b2", 502), {"fnCallId": "b3", "status": 200}]});
     let (status, answer) = d.post(&bad).await;
     assert_eq!(status, 400);
-    let fields: Vec<&str> = answer["fields"].as_array().unwrap().iter().map(|f| f["field"].as_str().unwrap()).collect();
+    let fields: Vec<&str> = answer["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["field"].as_str().unwrap())
+        .collect();
     assert_eq!(
         fields,
-        ["completions[2].functionId", "completions[2].applicationId", "completions[2].compartmentId"]
+        [
+            "completions[2].functionId",
+            "completions[2].applicationId",
+            "completions[2].compartmentId"
+        ]
     );
     // Too many events in one batch is also rejected whole.
     let six: Vec<_> = (0..6).map(|i| event(&format!("s{i}"), 200)).collect();
     let (status, answer) = d.post(&json!({ "completions": six })).await;
     assert_eq!(status, 400, "{answer}");
-    assert!(answer["message"].as_str().unwrap().contains("server.max_batch_size"));
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("server.max_batch_size")
+    );
 
     // A good event afterwards is delivered, and only it.
     let (status, _) = d.post(&event("b4", 200)).await;
     assert_eq!(status, 202);
-    wait_until("b4 delivered", Duration::from_secs(10), || async { d.lines("results.jsonl").len() == 1 }).await;
+    wait_until("b4 delivered", Duration::from_secs(10), || async {
+        d.lines("results.jsonl").len() == 1
+    })
+    .await;
     let text = d.metrics().await;
     assert_eq!(metric(&text, "fnrelay_events_accepted_total"), 1.0);
     assert!(d.lines("failures.jsonl").is_empty());
-    assert_eq!(d.lines("results.jsonl")[0]["data"]["request"]["fnCallId"], "b4");
+    assert_eq!(
+        d.lines("results.jsonl")[0]["data"]["request"]["fnCallId"],
+        "b4"
+    );
 }
 
 #[tokio::test]
@@ -111,18 +176,31 @@ async fn reposting_a_fn_call_id_returns_the_same_id_and_delivers_once() {
     assert_eq!(s1, 202);
     let id = a1["records"][0]["id"].as_str().unwrap().to_string();
     assert_eq!(id.len(), 26, "a ULID");
-    wait_until("delivered", Duration::from_secs(10), || async { d.lines("results.jsonl").len() == 1 }).await;
+    wait_until("delivered", Duration::from_secs(10), || async {
+        d.lines("results.jsonl").len() == 1
+    })
+    .await;
     // Again alone, and again inside a batch, after delivery.
     let (s2, a2) = d.post(&event("dup-1", 200)).await;
-    let (s3, a3) = d.post(&json!({"completions": [event("dup-2", 200), event("dup-1", 200)]})).await;
+    let (s3, a3) = d
+        .post(&json!({"completions": [event("dup-2", 200), event("dup-1", 200)]}))
+        .await;
     assert_eq!((s2, s3), (202, 202));
     assert_eq!(a2["records"][0]["id"], id.as_str());
     assert_eq!(a3["records"][1], json!({"fnCallId": "dup-1", "id": id}));
     assert_eq!(a3["accepted"], 2);
-    d.wait_metric(&deliveries("Success", "", "Success", "STREAM", "results"), 2.0).await;
+    d.wait_metric(
+        &deliveries("Success", "", "Success", "STREAM", "results"),
+        2.0,
+    )
+    .await;
     let lines = d.lines("results.jsonl");
     let ids: Vec<&str> = lines.iter().map(|l| l["id"].as_str().unwrap()).collect();
-    assert_eq!(ids.iter().filter(|i| **i == id).count(), 1, "delivered once: {ids:?}");
+    assert_eq!(
+        ids.iter().filter(|i| **i == id).count(),
+        1,
+        "delivered once: {ids:?}"
+    );
     let text = d.metrics().await;
     assert_eq!(metric(&text, "fnrelay_events_accepted_total"), 2.0);
     assert_eq!(metric(&text, "fnrelay_events_duplicate_total"), 2.0);
@@ -150,18 +228,52 @@ async fn status_routes_to_success_or_failure_and_none_is_skipped() {
     let (status, _) = d.post(&string_status).await;
     assert_eq!(status, 202);
 
-    d.wait_metric(&deliveries("Success", "", "Success", "STREAM", "results"), 2.0).await;
-    d.wait_metric(&deliveries("Success", "", "Failure", "QUEUE", "failures"), 1.0).await;
-    d.wait_metric(&deliveries("Success", "", "Failure", "NOTIFICATION", "alerts"), 1.0).await;
-    d.wait_metric(&deliveries("Success", "", "Success", "NOTIFICATION", "alerts"), 1.0).await;
+    d.wait_metric(
+        &deliveries("Success", "", "Success", "STREAM", "results"),
+        2.0,
+    )
+    .await;
+    d.wait_metric(
+        &deliveries("Success", "", "Failure", "QUEUE", "failures"),
+        1.0,
+    )
+    .await;
+    d.wait_metric(
+        &deliveries("Success", "", "Failure", "NOTIFICATION", "alerts"),
+        1.0,
+    )
+    .await;
+    d.wait_metric(
+        &deliveries("Success", "", "Success", "NOTIFICATION", "alerts"),
+        1.0,
+    )
+    .await;
     let text = d.metrics().await;
-    assert_eq!(metric(&text, "fnrelay_records_skipped_total{destination_type=\"Success\"}"), 1.0);
-    assert_eq!(metric(&text, "fnrelay_records_skipped_total{destination_type=\"Failure\"}"), 1.0);
+    assert_eq!(
+        metric(
+            &text,
+            "fnrelay_records_skipped_total{destination_type=\"Success\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "fnrelay_records_skipped_total{destination_type=\"Failure\"}"
+        ),
+        1.0
+    );
     assert_eq!(metric(&text, "fnrelay_events_accepted_total"), 7.0);
-    assert!(!text.contains("response_type=\"Error\""), "no error counted: {text}");
+    assert!(
+        !text.contains("response_type=\"Error\""),
+        "no error counted: {text}"
+    );
 
     let results = d.lines("results.jsonl");
-    let calls: Vec<&str> = results.iter().map(|r| r["data"]["request"]["fnCallId"].as_str().unwrap()).collect();
+    let calls: Vec<&str> = results
+        .iter()
+        .map(|r| r["data"]["request"]["fnCallId"].as_str().unwrap())
+        .collect();
     assert_eq!(calls, ["r-ok", "r-str"]);
     assert_eq!(results[1]["data"]["response"]["status"], "201");
     let failures = d.lines("failures.jsonl");
@@ -169,11 +281,17 @@ async fn status_routes_to_success_or_failure_and_none_is_skipped() {
     let f = &failures[0];
     assert_eq!(f["version"], "1.0");
     assert_eq!(f["data"]["response"]["status"], "502");
-    assert_eq!(f["data"]["response"]["errorCode"], "FunctionInvokeExecutionFailed");
+    assert_eq!(
+        f["data"]["response"]["errorCode"],
+        "FunctionInvokeExecutionFailed"
+    );
     assert_eq!(f["data"]["request"]["opcRequestId"], "req-r-fail");
     assert_eq!(f["id"], answer["records"][1]["id"]);
     let alerts = d.lines("alerts.jsonl");
-    let mut calls: Vec<&str> = alerts.iter().map(|r| r["data"]["request"]["fnCallId"].as_str().unwrap()).collect();
+    let mut calls: Vec<&str> = alerts
+        .iter()
+        .map(|r| r["data"]["request"]["fnCallId"].as_str().unwrap())
+        .collect();
     calls.sort();
     assert_eq!(calls, ["r-inline", "r-loud"]);
 }
@@ -188,39 +306,111 @@ async fn auth_policy_size_and_content_type_answers() {
     let url = format!("{}/v1/completions", d.url);
     let body = event("auth-1", 200).to_string();
 
-    let r = d.http.post(&url).header("content-type", "application/json").body(body.clone()).send().await.unwrap();
+    let r = d
+        .http
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
-    let r = d.http.post(&url).bearer_auth("wrong").header("content-type", "application/json").body(body.clone()).send().await.unwrap();
+    let r = d
+        .http
+        .post(&url)
+        .bearer_auth("wrong")
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
-    let r = d.http.get(format!("{}/v1/dead-letters", d.url)).send().await.unwrap();
+    let r = d
+        .http
+        .get(format!("{}/v1/dead-letters", d.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401, "admin API needs the token too");
 
-    let r = d.http.post(&url).bearer_auth("s3cret").header("content-type", "text/plain").body(body.clone()).send().await.unwrap();
+    let r = d
+        .http
+        .post(&url)
+        .bearer_auth("s3cret")
+        .header("content-type", "text/plain")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 415);
 
-    let big = json!({"completions": [event(&"x".repeat(200), 500)], "pad": "y".repeat(5000)}).to_string();
-    let r = d.http.post(&url).bearer_auth("s3cret").header("content-type", "application/json").body(big).send().await.unwrap();
+    let big =
+        json!({"completions": [event(&"x".repeat(200), 500)], "pad": "y".repeat(5000)}).to_string();
+    let r = d
+        .http
+        .post(&url)
+        .bearer_auth("s3cret")
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 413);
     let answer: serde_json::Value = r.json().await.unwrap();
     assert!(answer["message"].as_str().unwrap().contains("4096"));
 
     let mut other = event("auth-2", 200);
     other["compartmentId"] = json!("ocid1.compartment.oc1..other");
-    let r = d.http.post(&url).bearer_auth("s3cret").json(&other).send().await.unwrap();
+    let r = d
+        .http
+        .post(&url)
+        .bearer_auth("s3cret")
+        .json(&other)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403);
     let answer: serde_json::Value = r.json().await.unwrap();
-    assert!(answer["message"].as_str().unwrap().contains("streams.results"), "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("streams.results"),
+        "{answer}"
+    );
 
     // Allowed compartment, but an inline destination outside its rule.
     let mut sneaky = event("auth-3", 200);
     sneaky["destinations"] = json!({"success": {"kind": "NOTIFICATION", "topicId": "alerts"}});
-    let r = d.http.post(&url).bearer_auth("s3cret").json(&sneaky).send().await.unwrap();
+    let r = d
+        .http
+        .post(&url)
+        .bearer_auth("s3cret")
+        .json(&sneaky)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403);
 
-    let r = d.http.post(&url).bearer_auth("s3cret").header("content-type", "application/json; charset=utf-8").body(body).send().await.unwrap();
+    let r = d
+        .http
+        .post(&url)
+        .bearer_auth("s3cret")
+        .header("content-type", "application/json; charset=utf-8")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202);
-    d.wait_metric(&deliveries("Success", "", "Success", "STREAM", "results"), 1.0).await;
-    assert_eq!(metric(&d.metrics().await, "fnrelay_events_accepted_total"), 1.0);
+    d.wait_metric(
+        &deliveries("Success", "", "Success", "STREAM", "results"),
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        metric(&d.metrics().await, "fnrelay_events_accepted_total"),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -245,9 +435,17 @@ success = {{ kind = "NOTIFICATION", topicId = "hook" }}
 "#
     );
     let d = start(&config).await;
-    let (s, _) = d.post(&json!({"completions": [event("h1", 200), event("h2", 200), event("h3", 200)]})).await;
+    let (s, _) = d
+        .post(&json!({"completions": [event("h1", 200), event("h2", 200), event("h3", 200)]}))
+        .await;
     assert_eq!(s, 202);
-    let r = d.http.post(format!("{}/v1/completions", d.url)).json(&event("h4", 200)).send().await.unwrap();
+    let r = d
+        .http
+        .post(format!("{}/v1/completions", d.url))
+        .json(&event("h4", 200))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "5");
     // Already accepted records are all still there.

@@ -44,7 +44,10 @@ async fn spawn(dir: &Path, config: &str, port: u16) -> Proc {
     let url = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     wait_until("binary ready", Duration::from_secs(20), || async {
-        http.get(format!("{url}/readyz")).send().await.is_ok_and(|r| r.status() == 200)
+        http.get(format!("{url}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
     })
     .await;
     Proc { child, url, log }
@@ -118,10 +121,14 @@ async fn kill_9_with_2000_pending_records_loses_none() {
 
     let rx = Receiver::start_on(format!("127.0.0.1:{hook_port}").parse().unwrap()).await;
     let second = spawn(dir.path(), &config, port).await;
-    wait_until("every record delivered", Duration::from_secs(120), || async {
-        let seen: HashSet<String> = rx.seen().iter().map(|s| s.header("webhook-id")).collect();
-        seen.len() >= N
-    })
+    wait_until(
+        "every record delivered",
+        Duration::from_secs(120),
+        || async {
+            let seen: HashSet<String> = rx.seen().iter().map(|s| s.header("webhook-id")).collect();
+            seen.len() >= N
+        },
+    )
     .await;
 
     let seen = rx.seen();
@@ -129,8 +136,14 @@ async fn kill_9_with_2000_pending_records_loses_none() {
     for s in &seen {
         let body = s.json();
         assert_eq!(body["id"].as_str().unwrap(), s.header("webhook-id"));
-        let call = body["data"]["request"]["fnCallId"].as_str().unwrap().to_string();
-        by_call.entry(call).or_default().push(s.header("webhook-id"));
+        let call = body["data"]["request"]["fnCallId"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        by_call
+            .entry(call)
+            .or_default()
+            .push(s.header("webhook-id"));
     }
     assert_eq!(by_call.len(), N, "every accepted record arrived");
     for (call, got) in &by_call {
@@ -139,24 +152,48 @@ async fn kill_9_with_2000_pending_records_loses_none() {
         }
     }
     let duplicates = seen.len() - N;
-    eprintln!("kill -9 run: accepted {N}, received {} requests, {} distinct records, {duplicates} duplicates", seen.len(), by_call.len());
+    eprintln!(
+        "kill -9 run: accepted {N}, received {} requests, {} distinct records, {duplicates} duplicates",
+        seen.len(),
+        by_call.len()
+    );
 
-    let text = reqwest::get(format!("{}/metrics", second.url)).await.unwrap().text().await.unwrap();
-    let success = metric(&text, &deliveries("Success", "", "Success", "NOTIFICATION", "hook"));
-    let failure = metric(&text, &deliveries("Success", "", "Failure", "NOTIFICATION", "hook"));
-    assert_eq!((success + failure) as usize, N, "the restarted daemon counts each delivery once");
+    let text = reqwest::get(format!("{}/metrics", second.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let success = metric(
+        &text,
+        &deliveries("Success", "", "Success", "NOTIFICATION", "hook"),
+    );
+    let failure = metric(
+        &text,
+        &deliveries("Success", "", "Failure", "NOTIFICATION", "hook"),
+    );
+    assert_eq!(
+        (success + failure) as usize,
+        N,
+        "the restarted daemon counts each delivery once"
+    );
     assert_eq!(failure as usize, N.div_ceil(3));
     assert_eq!(metric(&text, "fnrelay_pending_records"), 0.0);
     stop(second).await;
 }
 
 async fn stop(mut p: Proc) -> Vec<String> {
-    let status = Command::new("kill").arg("-TERM").arg(p.child.id().to_string()).status().unwrap();
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(p.child.id().to_string())
+        .status()
+        .unwrap();
     assert!(status.success());
-    let code = tokio::task::spawn_blocking(move || p.child.wait().unwrap()).await.unwrap();
+    let code = tokio::task::spawn_blocking(move || p.child.wait().unwrap())
+        .await
+        .unwrap();
     assert!(code.success(), "SIGTERM exits 0, got {code:?}");
-    let log = p.log.lock().unwrap().clone();
-    log
+    p.log.lock().unwrap().clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,16 +205,33 @@ async fn sigterm_exits_0_and_keeps_undelivered_records_for_the_next_start() {
     let first = spawn(dir.path(), &config, port).await;
     let http = reqwest::Client::new();
     let batch: Vec<_> = (0..50).map(|i| event(&format!("term-{i}"), 200)).collect();
-    let r = http.post(format!("{}/v1/completions", first.url)).json(&json!({"completions": batch})).send().await.unwrap();
+    let r = http
+        .post(format!("{}/v1/completions", first.url))
+        .json(&json!({"completions": batch}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202);
     let log = stop(first).await;
-    assert!(log.iter().any(|l| l.contains("fnrelay stopped")), "{log:#?}");
+    assert!(
+        log.iter().any(|l| l.contains("fnrelay stopped")),
+        "{log:#?}"
+    );
 
     let rx = Receiver::start_on(format!("127.0.0.1:{hook_port}").parse().unwrap()).await;
     let second = spawn(dir.path(), &config, port).await;
-    wait_until("all 50 delivered after restart", Duration::from_secs(30), || async {
-        rx.seen().iter().map(|s| s.header("webhook-id")).collect::<HashSet<_>>().len() == 50
-    })
+    wait_until(
+        "all 50 delivered after restart",
+        Duration::from_secs(30),
+        || async {
+            rx.seen()
+                .iter()
+                .map(|s| s.header("webhook-id"))
+                .collect::<HashSet<_>>()
+                .len()
+                == 50
+        },
+    )
     .await;
     stop(second).await;
 }
@@ -191,8 +245,16 @@ async fn dead_letter_log_line_and_cli_list_and_replay() {
     let config = webhook_config(rx.addr.port());
     let p = spawn(dir.path(), &config, port).await;
     let http = reqwest::Client::new();
-    let r = http.post(format!("{}/v1/completions", p.url)).json(&event("dl-1", 503)).send().await.unwrap();
-    let id = r.json::<serde_json::Value>().await.unwrap()["records"][0]["id"].as_str().unwrap().to_string();
+    let r = http
+        .post(format!("{}/v1/completions", p.url))
+        .json(&event("dl-1", 503))
+        .send()
+        .await
+        .unwrap();
+    let id = r.json::<serde_json::Value>().await.unwrap()["records"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     wait_until("dead-letter log line", Duration::from_secs(10), || {
         let found = p.log.lock().unwrap().iter().any(|l| {
@@ -201,8 +263,16 @@ async fn dead_letter_log_line_and_cli_list_and_replay() {
         async move { found }
     })
     .await;
-    let line = p.log.lock().unwrap().iter().find(|l| l.contains("failed due to")).cloned().unwrap();
-    let json_line: serde_json::Value = serde_json::from_str(&line).expect("log.format = json gives JSON lines");
+    let line = p
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|l| l.contains("failed due to"))
+        .cloned()
+        .unwrap();
+    let json_line: serde_json::Value =
+        serde_json::from_str(&line).expect("log.format = json gives JSON lines");
     assert_eq!(json_line["record_id"], id.as_str());
     assert_eq!(json_line["fn_call_id"], "dl-1");
     assert_eq!(json_line["attempts"], 1);
@@ -211,7 +281,11 @@ async fn dead_letter_log_line_and_cli_list_and_replay() {
         .args(["dead-letters", "--url", &p.url, "list"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let listed: Vec<serde_json::Value> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -239,13 +313,23 @@ async fn dead_letter_log_line_and_cli_list_and_replay() {
 #[test]
 fn check_config_accepts_good_and_names_every_bad_key() {
     let dir = tempfile::tempdir().unwrap();
-    let run = |args: &[&str]| Command::new(binary()).args(args).current_dir(dir.path()).output().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(binary())
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
 
     let out = run(&["check-config"]);
     assert!(out.status.success(), "embedded default is valid");
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml");
     let out = run(&["check-config", "--config", example]);
-    assert!(out.status.success(), "config/example.toml is valid: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "config/example.toml is valid: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let default = concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml");
     let out = run(&["check-config", "--config", default]);
     assert!(out.status.success());

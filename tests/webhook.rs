@@ -78,7 +78,11 @@ async fn retries_503_then_429_with_retry_after_then_delivers_with_one_webhook_id
     assert_eq!(status, 202);
     let id = answer["records"][0]["id"].as_str().unwrap().to_string();
 
-    d.wait_metric(&deliveries("Success", "", "Failure", "NOTIFICATION", "hook"), 1.0).await;
+    d.wait_metric(
+        &deliveries("Success", "", "Failure", "NOTIFICATION", "hook"),
+        1.0,
+    )
+    .await;
     let seen = rx.seen();
     assert_eq!(seen.len(), 3, "503, 429, 200");
     for s in &seen {
@@ -96,7 +100,10 @@ async fn retries_503_then_429_with_retry_after_then_delivers_with_one_webhook_id
     assert_eq!(metric(&text, &attempts("retry", "server_error")), 1.0);
     assert_eq!(metric(&text, &attempts("retry", "throttled")), 1.0);
     assert_eq!(metric(&text, &attempts("success", "")), 1.0);
-    assert!(!text.contains("response_type=\"Error\""), "retries are not failures: {text}");
+    assert!(
+        !text.contains("response_type=\"Error\""),
+        "retries are not failures: {text}"
+    );
     assert_eq!(metric(&text, "fnrelay_pending_records"), 0.0);
 }
 
@@ -108,7 +115,11 @@ async fn a_400_dead_letters_after_one_attempt_and_can_be_replayed() {
     let (_, answer) = d.post(&event("wh-400", 200)).await;
     let id = answer["records"][0]["id"].as_str().unwrap().to_string();
 
-    d.wait_metric(&deliveries("Error", "rejected", "Success", "NOTIFICATION", "hook"), 1.0).await;
+    d.wait_metric(
+        &deliveries("Error", "rejected", "Success", "NOTIFICATION", "hook"),
+        1.0,
+    )
+    .await;
     assert_eq!(rx.seen().len(), 1, "permanent errors are not retried");
     let text = d.metrics().await;
     assert_eq!(metric(&text, &attempts("permanent", "rejected")), 1.0);
@@ -127,7 +138,10 @@ async fn a_400_dead_letters_after_one_attempt_and_can_be_replayed() {
     assert_eq!(dead["id"], id.as_str());
     assert_eq!(dead["errorMessage"], "rejected");
     assert_eq!(dead["attempts"], 1);
-    assert!(dead["lastError"].as_str().unwrap().contains("400"), "{dead}");
+    assert!(
+        dead["lastError"].as_str().unwrap().contains("400"),
+        "{dead}"
+    );
     assert_eq!(dead["record"]["id"], id.as_str());
 
     // The receiver is fixed; replay delivers the same record id.
@@ -139,7 +153,11 @@ async fn a_400_dead_letters_after_one_attempt_and_can_be_replayed() {
         .await
         .unwrap();
     assert_eq!(r.json::<serde_json::Value>().await.unwrap()["replayed"], 1);
-    d.wait_metric(&deliveries("Success", "", "Success", "NOTIFICATION", "hook"), 1.0).await;
+    d.wait_metric(
+        &deliveries("Success", "", "Success", "NOTIFICATION", "hook"),
+        1.0,
+    )
+    .await;
     let seen = rx.seen();
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[1].header("webhook-id"), id);
@@ -152,11 +170,18 @@ async fn max_record_age_expires_a_record_that_keeps_failing() {
     rx.set_default(503);
     let d = start_with_secret(&config(&rx, "max_record_age = \"1s\"\nmax_attempts = 1000")).await;
     d.post(&event("wh-old", 500)).await;
-    d.wait_metric(&deliveries("Error", "record_expired", "Failure", "NOTIFICATION", "hook"), 1.0).await;
+    d.wait_metric(
+        &deliveries("Error", "record_expired", "Failure", "NOTIFICATION", "hook"),
+        1.0,
+    )
+    .await;
     let tries = rx.seen().len();
     assert!(tries >= 2, "it was retried before expiring ({tries})");
     let text = d.metrics().await;
-    assert_eq!(metric(&text, &attempts("retry", "server_error")), tries as f64);
+    assert_eq!(
+        metric(&text, &attempts("retry", "server_error")),
+        tries as f64
+    );
     assert_eq!(metric(&text, "fnrelay_pending_records"), 0.0);
     assert_eq!(metric(&text, "fnrelay_dead_letters"), 1.0);
 }
@@ -167,7 +192,11 @@ async fn max_attempts_dead_letters_with_the_last_error_label() {
     rx.set_default(500);
     let d = start_with_secret(&config(&rx, "max_attempts = 3")).await;
     d.post(&event("wh-tries", 500)).await;
-    d.wait_metric(&deliveries("Error", "server_error", "Failure", "NOTIFICATION", "hook"), 1.0).await;
+    d.wait_metric(
+        &deliveries("Error", "server_error", "Failure", "NOTIFICATION", "hook"),
+        1.0,
+    )
+    .await;
     assert_eq!(rx.seen().len(), 3);
 }
 
@@ -182,7 +211,8 @@ async fn circuit_breaker_opens_on_a_failing_destination_and_closes_when_it_recov
     .await;
     let batch: Vec<_> = (0..20).map(|i| event(&format!("cb-{i}"), 200)).collect();
     d.post(&json!({ "completions": batch })).await;
-    let gauge = "fnrelay_circuit_breaker_state{destination_kind=\"NOTIFICATION\",destination_id=\"hook\"}";
+    let gauge =
+        "fnrelay_circuit_breaker_state{destination_kind=\"NOTIFICATION\",destination_id=\"hook\"}";
     wait_until("breaker open", Duration::from_secs(10), || async {
         metric(&d.metrics().await, gauge) == 1.0
     })
@@ -191,11 +221,23 @@ async fn circuit_breaker_opens_on_a_failing_destination_and_closes_when_it_recov
     let during = rx.seen().len();
     assert!(during < 20 * 3, "breaker limits attempts ({during})");
     rx.set_default(200);
-    d.wait_metric(&deliveries("Success", "", "Success", "NOTIFICATION", "hook"), 20.0).await;
+    d.wait_metric(
+        &deliveries("Success", "", "Success", "NOTIFICATION", "hook"),
+        20.0,
+    )
+    .await;
     d.wait_metric(gauge, 0.0).await;
     let text = d.metrics().await;
-    assert!(!text.contains("response_type=\"Error\""), "nothing dropped: {text}");
-    let mut ids: Vec<String> = rx.seen().iter().filter(|s| s.headers.contains_key("webhook-id")).map(|s| s.header("webhook-id")).collect();
+    assert!(
+        !text.contains("response_type=\"Error\""),
+        "nothing dropped: {text}"
+    );
+    let mut ids: Vec<String> = rx
+        .seen()
+        .iter()
+        .filter(|s| s.headers.contains_key("webhook-id"))
+        .map(|s| s.header("webhook-id"))
+        .collect();
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 20);
@@ -224,6 +266,19 @@ success = {{ kind = "NOTIFICATION", topicId = "hook" }}
     );
     let d = start(&toml).await;
     d.post(&event("wh-down", 200)).await;
-    d.wait_metric(&deliveries("Error", "connection_failed", "Success", "NOTIFICATION", "hook"), 1.0).await;
-    assert_eq!(metric(&d.metrics().await, &attempts("retry", "connection_failed")), 2.0);
+    d.wait_metric(
+        &deliveries(
+            "Error",
+            "connection_failed",
+            "Success",
+            "NOTIFICATION",
+            "hook",
+        ),
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        metric(&d.metrics().await, &attempts("retry", "connection_failed")),
+        2.0
+    );
 }

@@ -113,7 +113,12 @@ impl Registry {
     }
 
     /// Adds or replaces a destination (tests and embedders).
-    pub fn insert(&mut self, kind: DestKind, id: impl Into<String>, destination: Arc<dyn Destination>) {
+    pub fn insert(
+        &mut self,
+        kind: DestKind,
+        id: impl Into<String>,
+        destination: Arc<dyn Destination>,
+    ) {
         self.map.insert((kind, id.into()), destination);
     }
 

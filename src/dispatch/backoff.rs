@@ -7,7 +7,13 @@ use std::time::Duration;
 /// `jitter` is a uniform sample in `[0, 1]`; `hint` is the destination's
 /// Retry-After. Full jitter (AWS's "Exponential Backoff and Jitter") spreads
 /// retries of many records that failed together.
-pub fn delay(attempts: u32, initial: Duration, max: Duration, hint: Option<Duration>, jitter: f64) -> Duration {
+pub fn delay(
+    attempts: u32,
+    initial: Duration,
+    max: Duration,
+    hint: Option<Duration>,
+    jitter: f64,
+) -> Duration {
     let exp = attempts.saturating_sub(1).min(32);
     let base = initial.saturating_mul(1u32 << exp.min(31)).min(max);
     let jittered = base.mul_f64(jitter.clamp(0.0, 1.0));
@@ -41,7 +47,11 @@ mod tests {
             (12, Some(Duration::from_secs(1)), 1.0, m),
         ];
         for (attempts, hint, jitter, want) in cases {
-            assert_eq!(delay(attempts, i, m, hint, jitter), want, "attempts={attempts} hint={hint:?}");
+            assert_eq!(
+                delay(attempts, i, m, hint, jitter),
+                want,
+                "attempts={attempts} hint={hint:?}"
+            );
         }
     }
 

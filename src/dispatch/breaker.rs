@@ -134,13 +134,23 @@ mod tests {
         }
         b.on_failure(t0);
         assert_eq!(b.state(), State::Open);
-        assert_eq!(b.admit(t0 + Duration::from_secs(4)), Admit::Wait(Duration::from_secs(6)));
+        assert_eq!(
+            b.admit(t0 + Duration::from_secs(4)),
+            Admit::Wait(Duration::from_secs(6))
+        );
         let later = t0 + Duration::from_secs(10);
         assert_eq!(b.admit(later), Admit::Probe);
         assert_eq!(b.state(), State::HalfOpen);
-        assert_eq!(b.admit(later), Admit::Wait(Duration::from_secs(1)), "one probe at a time");
+        assert_eq!(
+            b.admit(later),
+            Admit::Wait(Duration::from_secs(1)),
+            "one probe at a time"
+        );
         b.on_failure(later);
-        assert_eq!(b.admit(later + Duration::from_secs(1)), Admit::Wait(Duration::from_secs(9)));
+        assert_eq!(
+            b.admit(later + Duration::from_secs(1)),
+            Admit::Wait(Duration::from_secs(9))
+        );
         assert_eq!(b.admit(later + Duration::from_secs(10)), Admit::Probe);
         b.on_success();
         assert_eq!(b.state(), State::Closed);

@@ -42,19 +42,34 @@ struct Shared {
     wake: Arc<Notify>,
 }
 
+/// What the dispatcher is built from.
+pub struct Parts {
+    /// The journal to claim from and record outcomes in.
+    pub journal: Arc<dyn Journal>,
+    /// The built destinations.
+    pub registry: Registry,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Retry policy, workers, breaker settings.
+    pub policy: DeliveryConfig,
+    /// How long delivered records are kept.
+    pub retention: Duration,
+    /// Notified by ingest after each append.
+    pub wake: Arc<Notify>,
+}
+
 /// Starts the dispatcher, the workers and the pruner on `tracker`. They stop
 /// when `cancel` fires: the dispatcher stops claiming, workers finish the
 /// send in hand and release what is still queued.
-pub fn start(
-    journal: Arc<dyn Journal>,
-    registry: Registry,
-    metrics: Arc<Metrics>,
-    policy: DeliveryConfig,
-    retention: Duration,
-    wake: Arc<Notify>,
-    tracker: &TaskTracker,
-    cancel: CancellationToken,
-) {
+pub fn start(parts: Parts, tracker: &TaskTracker, cancel: CancellationToken) {
+    let Parts {
+        journal,
+        registry,
+        metrics,
+        policy,
+        retention,
+        wake,
+    } = parts;
     let breakers = registry
         .iter()
         .map(|(key, _)| {
@@ -119,7 +134,9 @@ async fn claim_loop(
             continue;
         }
         let wait = match journal.next_due().await {
-            Ok(Some(at)) => Duration::from_millis((at - now_ms()).clamp(0, IDLE_POLL.as_millis() as i64) as u64),
+            Ok(Some(at)) => {
+                Duration::from_millis((at - now_ms()).clamp(0, IDLE_POLL.as_millis() as i64) as u64)
+            }
             Ok(None) | Err(_) => IDLE_POLL,
         };
         if wait.is_zero() {
@@ -148,7 +165,11 @@ async fn prune_loop(journal: Arc<dyn Journal>, retention: Duration, cancel: Canc
     }
 }
 
-async fn worker(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::Receiver<Claimed>>>, cancel: CancellationToken) {
+async fn worker(
+    shared: Arc<Shared>,
+    rx: Arc<Mutex<mpsc::Receiver<Claimed>>>,
+    cancel: CancellationToken,
+) {
     loop {
         let next = { rx.lock().await.recv().await };
         let Some(record) = next else { return };
@@ -200,20 +221,32 @@ impl Shared {
             );
             return self.finish(record, attempts, Verdict::Dead(error));
         };
-        let breaker = self.breakers.get(&key).expect("one breaker per destination");
+        let breaker = self
+            .breakers
+            .get(&key)
+            .expect("one breaker per destination");
         match breaker.admit(tokio::time::Instant::now()) {
             Admit::Wait(d) => {
-                self.metrics.breaker_state(target.kind, &target.resource_id, breaker.state().code());
+                self.metrics.breaker_state(
+                    target.kind,
+                    &target.resource_id,
+                    breaker.state().code(),
+                );
                 // Spread the wake-ups so a reopened destination is not hit by
                 // every waiting record at once.
                 let d = d + Duration::from_millis(fastrand::u64(0..=250));
                 return Outcome::Release {
                     id: record.id.clone(),
-                    next_attempt_at_ms: now + d.as_millis() as i64,
+                    // Back by its expiry at the latest, to dead-letter it on time.
+                    next_attempt_at_ms: (now + d.as_millis() as i64).min(age_limit + 1),
                 };
             }
             Admit::Probe => {
-                self.metrics.breaker_state(target.kind, &target.resource_id, breaker.state().code());
+                self.metrics.breaker_state(
+                    target.kind,
+                    &target.resource_id,
+                    breaker.state().code(),
+                );
                 tracing::info!(destination = %target.resource_id, record_id = %record.id, "circuit breaker half-open: sending a probe");
             }
             Admit::Go => {}
@@ -231,26 +264,31 @@ impl Shared {
             body: Bytes::from(record.body.clone()),
             attempt,
         };
-        let result = match tokio::time::timeout(self.policy.attempt_timeout, destination.send(&outgoing)).await {
-            Ok(r) => r,
-            Err(_) => Err(DeliveryError::retry(
-                ErrorLabel::Timeout,
-                format!(
-                    "no confirmation within delivery.attempt_timeout ({})",
-                    humantime::format_duration(self.policy.attempt_timeout)
-                ),
-            )),
-        };
+        let result =
+            match tokio::time::timeout(self.policy.attempt_timeout, destination.send(&outgoing))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(DeliveryError::retry(
+                    ErrorLabel::Timeout,
+                    format!(
+                        "no confirmation within delivery.attempt_timeout ({})",
+                        humantime::format_duration(self.policy.attempt_timeout)
+                    ),
+                )),
+            };
         let before = breaker.state();
         let verdict = match result {
             Ok(()) => {
                 breaker.on_success();
-                self.metrics.attempt(target.kind, &target.resource_id, "success", None);
+                self.metrics
+                    .attempt(target.kind, &target.resource_id, "success", None);
                 Verdict::Delivered
             }
             Err(e) if e.is_retryable() => {
                 breaker.on_failure(tokio::time::Instant::now());
-                self.metrics.attempt(target.kind, &target.resource_id, "retry", Some(e.label));
+                self.metrics
+                    .attempt(target.kind, &target.resource_id, "retry", Some(e.label));
                 if attempt >= self.policy.max_attempts {
                     Verdict::Dead(e)
                 } else {
@@ -260,16 +298,22 @@ impl Shared {
             Err(e) => {
                 // The destination answered: it is up, this record is bad.
                 breaker.on_success();
-                self.metrics.attempt(target.kind, &target.resource_id, "permanent", Some(e.label));
+                self.metrics
+                    .attempt(target.kind, &target.resource_id, "permanent", Some(e.label));
                 Verdict::Dead(e)
             }
         };
         let after = breaker.state();
         if before != after {
-            self.metrics.breaker_state(target.kind, &target.resource_id, after.code());
+            self.metrics
+                .breaker_state(target.kind, &target.resource_id, after.code());
             match after {
-                breaker::State::Open => tracing::warn!(destination = %target.resource_id, "circuit breaker opened: destination keeps failing; records wait in the journal"),
-                breaker::State::Closed => tracing::info!(destination = %target.resource_id, "circuit breaker closed: destination is back"),
+                breaker::State::Open => {
+                    tracing::warn!(destination = %target.resource_id, "circuit breaker opened: destination keeps failing; records wait in the journal")
+                }
+                breaker::State::Closed => {
+                    tracing::info!(destination = %target.resource_id, "circuit breaker closed: destination is back")
+                }
                 breaker::State::HalfOpen => {}
             }
         }
@@ -327,9 +371,15 @@ impl Shared {
         }
         match outcome {
             Outcome::Delivered { attempts, .. } => {
-                self.metrics.delivery(record.destination_type, target.kind, &target.resource_id, None);
+                self.metrics.delivery(
+                    record.destination_type,
+                    target.kind,
+                    &target.resource_id,
+                    None,
+                );
                 let seconds = (now_ms() - record.accepted_at_ms).max(0) as f64 / 1000.0;
-                self.metrics.latency(target.kind, &target.resource_id, seconds);
+                self.metrics
+                    .latency(target.kind, &target.resource_id, seconds);
                 tracing::info!(
                     record_id = %record.id,
                     fn_call_id = %record.fn_call_id,
@@ -346,8 +396,12 @@ impl Shared {
                 ..
             } => {
                 let label = label_from_str(&label);
-                self.metrics
-                    .delivery(record.destination_type, target.kind, &target.resource_id, Some(label));
+                self.metrics.delivery(
+                    record.destination_type,
+                    target.kind,
+                    &target.resource_id,
+                    Some(label),
+                );
                 tracing::warn!(
                     record_id = %record.id,
                     fn_call_id = %record.fn_call_id,

@@ -205,11 +205,16 @@ pub trait Journal: Send + Sync + 'static {
     async fn complete(&self, outcomes: Vec<Outcome>) -> Result<(), JournalError>;
 
     /// Dead letters, oldest first, after the given id.
-    async fn list_dead(&self, after: Option<String>, limit: usize) -> Result<Vec<DeadLetter>, JournalError>;
+    async fn list_dead(
+        &self,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, JournalError>;
 
     /// Moves dead letters (all, or the given ids) back to pending with zero
     /// attempts; returns how many.
-    async fn replay_dead(&self, ids: Option<Vec<String>>, now_ms: i64) -> Result<u64, JournalError>;
+    async fn replay_dead(&self, ids: Option<Vec<String>>, now_ms: i64)
+    -> Result<u64, JournalError>;
 
     /// Deletes delivered and skipped records that reached that state before `before_ms`.
     async fn prune(&self, before_ms: i64) -> Result<u64, JournalError>;

@@ -16,7 +16,9 @@ use async_trait::async_trait;
 use rusqlite::{Connection, Transaction, params};
 use tokio::sync::oneshot;
 
-use super::{Appended, Claimed, DeadLetter, Journal, JournalError, NewRecord, Outcome, Stats, Target};
+use super::{
+    Appended, Claimed, DeadLetter, Journal, JournalError, NewRecord, Outcome, Stats, Target,
+};
 use crate::record::{DestKind, DestinationType, format_timestamp};
 
 const SCHEMA: &str = "
@@ -80,7 +82,10 @@ impl SqliteJournal {
             [],
         )?;
         if reset > 0 {
-            tracing::info!(records = reset, "records claimed before the last stop are pending again");
+            tracing::info!(
+                records = reset,
+                "records claimed before the last stop are pending again"
+            );
         }
         let pending: i64 = conn.query_row(
             "SELECT count(*) FROM records WHERE state IN ('pending', 'inflight')",
@@ -112,13 +117,15 @@ impl SqliteJournal {
     {
         let (done, wait) = oneshot::channel::<Result<T, JournalError>>();
         let job: Job = Box::new(move |tx, counters| {
-            let result = tx.execute_batch("SAVEPOINT cmd").and_then(|()| match f(tx, counters) {
-                Ok(v) => tx.execute_batch("RELEASE cmd").map(|()| v),
-                Err(e) => {
-                    tx.execute_batch("ROLLBACK TO cmd; RELEASE cmd")?;
-                    Err(e)
-                }
-            });
+            let result = tx
+                .execute_batch("SAVEPOINT cmd")
+                .and_then(|()| match f(tx, counters) {
+                    Ok(v) => tx.execute_batch("RELEASE cmd").map(|()| v),
+                    Err(e) => {
+                        tx.execute_batch("ROLLBACK TO cmd; RELEASE cmd")?;
+                        Err(e)
+                    }
+                });
             Box::new(move |commit_error: Option<&str>| {
                 let answer = match (result, commit_error) {
                     (Err(e), _) => Err(JournalError::Sqlite(e)),
@@ -133,7 +140,12 @@ impl SqliteJournal {
     }
 }
 
-fn writer(mut conn: Connection, rx: mpsc::Receiver<Job>, counters: Arc<Counters>, max_group: usize) {
+fn writer(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Job>,
+    counters: Arc<Counters>,
+    max_group: usize,
+) {
     let mut replies: Vec<Reply> = Vec::new();
     while let Ok(first) = rx.recv() {
         let tx = match conn.transaction() {
@@ -151,7 +163,11 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Job>, counters: Arc<Counters>
         while let Some(job) = next {
             replies.push(job(&tx, &counters));
             n += 1;
-            next = if n < max_group { rx.try_recv().ok() } else { None };
+            next = if n < max_group {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
         }
         let commit = tx.commit();
         let err = commit.as_ref().err().map(|e| {
@@ -335,7 +351,11 @@ impl Journal for SqliteJournal {
         .await
     }
 
-    async fn list_dead(&self, after: Option<String>, limit: usize) -> Result<Vec<DeadLetter>, JournalError> {
+    async fn list_dead(
+        &self,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, JournalError> {
         self.run(move |tx, _| {
             let mut stmt = tx.prepare_cached(
                 "SELECT id, fn_call_id, function_id, destination_type, kind, resource_id, attempts,
@@ -364,14 +384,20 @@ impl Journal for SqliteJournal {
         .await
     }
 
-    async fn replay_dead(&self, ids: Option<Vec<String>>, now_ms: i64) -> Result<u64, JournalError> {
+    async fn replay_dead(
+        &self,
+        ids: Option<Vec<String>>,
+        now_ms: i64,
+    ) -> Result<u64, JournalError> {
         self.run(move |tx, counters| {
-            const SET: &str = "UPDATE records SET state = 'pending', attempts = 0, next_attempt_at = ?1,
+            const SET: &str =
+                "UPDATE records SET state = 'pending', attempts = 0, next_attempt_at = ?1,
                                    age_from = ?1, error_label = NULL";
             let n = match ids {
                 None => tx.execute(&format!("{SET} WHERE state = 'dead'"), params![now_ms])?,
                 Some(ids) => {
-                    let mut stmt = tx.prepare_cached(&format!("{SET} WHERE state = 'dead' AND id = ?2"))?;
+                    let mut stmt =
+                        tx.prepare_cached(&format!("{SET} WHERE state = 'dead' AND id = ?2"))?;
                     let mut n = 0;
                     for id in ids {
                         n += stmt.execute(params![now_ms, id])?;
@@ -480,22 +506,38 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let j = SqliteJournal::open(&dir.path().join("j.db"), 64).unwrap();
         let got = j
-            .append(vec![new("A", "c1", true), new("B", "c1", true), new("C", "c2", false)])
+            .append(vec![
+                new("A", "c1", true),
+                new("B", "c1", true),
+                new("C", "c2", false),
+            ])
             .await
             .unwrap();
         assert_eq!(
             got,
             [
-                Appended { id: "A".into(), existing: false },
-                Appended { id: "A".into(), existing: true },
-                Appended { id: "C".into(), existing: false },
+                Appended {
+                    id: "A".into(),
+                    existing: false
+                },
+                Appended {
+                    id: "A".into(),
+                    existing: true
+                },
+                Appended {
+                    id: "C".into(),
+                    existing: false
+                },
             ]
         );
         assert_eq!(j.pending(), 1);
         let claimed = j.claim_due(1_000, 10).await.unwrap();
         assert_eq!(claimed.len(), 1);
         assert_eq!(claimed[0].target.channel_id.as_deref(), Some("c"));
-        assert!(j.claim_due(1_000, 10).await.unwrap().is_empty(), "inflight is not claimed twice");
+        assert!(
+            j.claim_due(1_000, 10).await.unwrap().is_empty(),
+            "inflight is not claimed twice"
+        );
         j.complete(vec![Outcome::Retry {
             id: "A".into(),
             attempts: 1,
@@ -525,12 +567,23 @@ mod tests {
         assert_eq!(j.replay_dead(None, 9_000).await.unwrap(), 1);
         let replayed = j.claim_due(9_000, 10).await.unwrap();
         assert_eq!((replayed[0].attempts, replayed[0].age_from_ms), (0, 9_000));
-        j.complete(vec![Outcome::Delivered { id: "A".into(), attempts: 1 }]).await.unwrap();
+        j.complete(vec![Outcome::Delivered {
+            id: "A".into(),
+            attempts: 1,
+        }])
+        .await
+        .unwrap();
         let stats = j.stats().await.unwrap();
         assert_eq!((stats.pending, stats.dead), (0, 0));
         // Re-post after delivery still answers the same id.
         let again = j.append(vec![new("Z", "c1", true)]).await.unwrap();
-        assert_eq!(again[0], Appended { id: "A".into(), existing: true });
+        assert_eq!(
+            again[0],
+            Appended {
+                id: "A".into(),
+                existing: true
+            }
+        );
         assert_eq!(j.prune(i64::MAX).await.unwrap(), 2);
     }
 
@@ -556,7 +609,8 @@ mod tests {
         for i in 0..200 {
             let j = j.clone();
             tasks.push(tokio::spawn(async move {
-                j.append(vec![new(&format!("R{i:04}"), &format!("c{i}"), true)]).await
+                j.append(vec![new(&format!("R{i:04}"), &format!("c{i}"), true)])
+                    .await
             }));
         }
         for t in tasks {

@@ -36,8 +36,11 @@ pub async fn start(toml: &str) -> Daemon {
 /// Like [`start`] in a given directory (restart on the same journal).
 pub async fn start_in(toml: &str, dir: tempfile::TempDir) -> Daemon {
     let text = toml.replace("{dir}", dir.path().to_str().unwrap());
-    let config = fnrelay::config::load_with_env(fnrelay::config::Source::Text(&text), Some(Default::default()))
-        .expect("test config parses");
+    let config = fnrelay::config::load_with_env(
+        fnrelay::config::Source::Text(&text),
+        Some(Default::default()),
+    )
+    .expect("test config parses");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let cancel = CancellationToken::new();
@@ -243,9 +246,7 @@ impl Receiver {
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cancel = CancellationToken::new();
-        let app = Router::new()
-            .fallback(handle)
-            .with_state(state.clone());
+        let app = Router::new().fallback(handle).with_state(state.clone());
         let stop = cancel.clone();
         tokio::spawn(async move {
             axum::serve(listener, app)
@@ -253,7 +254,11 @@ impl Receiver {
                 .await
                 .unwrap();
         });
-        Self { addr, state, cancel }
+        Self {
+            addr,
+            state,
+            cancel,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -290,7 +295,11 @@ impl Drop for Receiver {
     }
 }
 
-async fn handle(State(state): State<Arc<ReceiverState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    State(state): State<Arc<ReceiverState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     state.seen.lock().unwrap().push(Seen {
         headers,
         body,

@@ -29,7 +29,11 @@ impl Writer {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io)?;
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("fnrelay-file".into())
@@ -64,7 +68,11 @@ fn run(mut file: File, rx: mpsc::Receiver<Job>) {
         while let Some((line, done)) = next {
             buf.extend_from_slice(&line);
             waiting.push(done);
-            next = if buf.len() < 8 << 20 { rx.try_recv().ok() } else { None };
+            next = if buf.len() < 8 << 20 {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
         }
         let before = file.metadata().map(|m| m.len());
         let result = file.write_all(&buf).and_then(|()| file.sync_data());

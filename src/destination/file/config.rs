@@ -21,7 +21,10 @@ impl FileConfig {
         if self.path.as_os_str().is_empty() {
             out.push(("path".into(), "must not be empty".into()));
         } else if self.path.is_dir() {
-            out.push(("path".into(), format!("{} is a directory", self.path.display())));
+            out.push((
+                "path".into(),
+                format!("{} is a directory", self.path.display()),
+            ));
         }
         out
     }

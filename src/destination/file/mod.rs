@@ -50,7 +50,9 @@ impl From<FileError> for DeliveryError {
                 let message = e.to_string();
                 DeliveryError::retry(label, message).with_source(e)
             }
-            FileError::WriterStopped { .. } => DeliveryError::retry(ErrorLabel::Other, e.to_string()),
+            FileError::WriterStopped { .. } => {
+                DeliveryError::retry(ErrorLabel::Other, e.to_string())
+            }
         }
     }
 }
@@ -67,6 +69,9 @@ impl Destination for FileDestination {
     }
 
     async fn send(&self, record: &OutgoingRecord) -> Result<(), DeliveryError> {
-        self.writer.append(encode::line(record)).await.map_err(Into::into)
+        self.writer
+            .append(encode::line(record))
+            .await
+            .map_err(Into::into)
     }
 }

@@ -8,9 +8,9 @@ use reqwest::Url;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 
+use super::WebhookError;
 use super::config::is_private;
 use super::encode::{Secret, sign};
-use super::WebhookError;
 use crate::destination::OutgoingRecord;
 
 /// HTTP client bound to one endpoint.
@@ -45,7 +45,12 @@ impl Resolve for PublicOnly {
 
 impl Client {
     /// Builds the client.
-    pub fn new(url: Url, secret: Option<Secret>, timeout: Duration, allow_private: bool) -> reqwest::Result<Self> {
+    pub fn new(
+        url: Url,
+        secret: Option<Secret>,
+        timeout: Duration,
+        allow_private: bool,
+    ) -> reqwest::Result<Self> {
         let mut builder = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
@@ -74,17 +79,24 @@ impl Client {
             .header("webhook-id", &record.id)
             .header("webhook-timestamp", now.to_string());
         if let Some(secret) = &self.secret {
-            request = request.header("webhook-signature", sign(secret, &record.id, now, &record.body));
+            request = request.header(
+                "webhook-signature",
+                sign(secret, &record.id, now, &record.body),
+            );
         }
-        let response = request.body(record.body.clone()).send().await.map_err(|e| {
-            if e.is_timeout() {
-                WebhookError::Timeout(e)
-            } else if e.is_connect() {
-                WebhookError::Connect(e)
-            } else {
-                WebhookError::Transport(e)
-            }
-        })?;
+        let response = request
+            .body(record.body.clone())
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_timeout() {
+                    WebhookError::Timeout(e)
+                } else if e.is_connect() {
+                    WebhookError::Connect(e)
+                } else {
+                    WebhookError::Transport(e)
+                }
+            })?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
@@ -127,10 +139,16 @@ mod tests {
     #[test]
     fn retry_after_forms() {
         assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
         let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
         let got = parse_retry_after(&later).unwrap();
-        assert!(got > Duration::from_secs(100) && got <= Duration::from_secs(120), "{got:?}");
+        assert!(
+            got > Duration::from_secs(100) && got <= Duration::from_secs(120),
+            "{got:?}"
+        );
         assert_eq!(parse_retry_after("soon"), None);
     }
 }

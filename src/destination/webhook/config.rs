@@ -72,7 +72,10 @@ impl WebhookConfig {
                         "url".into(),
                         "http:// is accepted only with allow_insecure_endpoint = true".into(),
                     )),
-                    other => out.push(("url".into(), format!("scheme `{other}` is not http or https"))),
+                    other => out.push((
+                        "url".into(),
+                        format!("scheme `{other}` is not http or https"),
+                    )),
                 }
                 let private = match url.host() {
                     Some(url::Host::Ipv4(ip)) => is_private(ip.into()),
@@ -136,7 +139,10 @@ mod tests {
     #[test]
     fn scheme_and_network_guards() {
         assert!(check("https://hooks.example.com/x", false, false).is_empty());
-        assert!(check("http://hooks.example.com/x", false, false)[0].contains("allow_insecure_endpoint"));
+        assert!(
+            check("http://hooks.example.com/x", false, false)[0]
+                .contains("allow_insecure_endpoint")
+        );
         assert!(check("http://hooks.example.com/x", true, false).is_empty());
         assert!(check("https://127.0.0.1:9/x", false, false)[0].contains("allow_private_network"));
         assert!(check("https://10.1.2.3/x", false, false)[0].contains("private"));

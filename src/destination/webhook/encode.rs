@@ -34,7 +34,8 @@ impl Secret {
 
     /// Reads and parses a secret file.
     pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 }
@@ -69,8 +70,16 @@ mod tests {
 
     #[test]
     fn bad_secrets_say_why() {
-        assert!(Secret::parse("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap_err().contains("whsec_"));
+        assert!(
+            Secret::parse("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+                .unwrap_err()
+                .contains("whsec_")
+        );
         assert!(Secret::parse("whsec_!!!").unwrap_err().contains("base64"));
-        assert!(Secret::parse("whsec_AAAA").unwrap_err().contains("at least 16"));
+        assert!(
+            Secret::parse("whsec_AAAA")
+                .unwrap_err()
+                .contains("at least 16")
+        );
     }
 }

@@ -45,7 +45,9 @@ pub enum WebhookError {
 impl From<WebhookError> for DeliveryError {
     fn from(e: WebhookError) -> Self {
         match e {
-            WebhookError::Timeout(_) => DeliveryError::retry(ErrorLabel::Timeout, e.to_string()).with_source(e),
+            WebhookError::Timeout(_) => {
+                DeliveryError::retry(ErrorLabel::Timeout, e.to_string()).with_source(e)
+            }
             WebhookError::Connect(_) => {
                 DeliveryError::retry(ErrorLabel::ConnectionFailed, e.to_string()).with_source(e)
             }
@@ -59,7 +61,9 @@ impl From<WebhookError> for DeliveryError {
             } => {
                 let message = e.to_string();
                 match classify_http_status(status) {
-                    Some((label, true)) => DeliveryError::retry(label, message).with_retry_after(retry_after),
+                    Some((label, true)) => {
+                        DeliveryError::retry(label, message).with_retry_after(retry_after)
+                    }
                     Some((label, false)) => DeliveryError::permanent(label, message),
                     // 2xx never becomes a Status error; treat as other if it does.
                     None => DeliveryError::retry(ErrorLabel::Other, message),
