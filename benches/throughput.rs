@@ -1,0 +1,130 @@
+//! Throughput benchmark: the real daemon in-process on the embedded-default
+//! shape (file destinations), driven over HTTP on loopback.
+//!
+//! `cargo bench --bench throughput` (env BENCH_EVENTS, BENCH_CLIENTS, BENCH_BATCH).
+//! Prints: accepted events/s (each 202 is after the journal's fsync) and
+//! end-to-end events/s until every record is fsynced at its destination.
+
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let events = env("BENCH_EVENTS", 20_000);
+    let clients = env("BENCH_CLIENTS", 64);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        for batch in [1, env("BENCH_BATCH", 100)] {
+            run(events, clients, batch).await;
+        }
+    });
+}
+
+async fn run(events: usize, clients: usize, batch: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        r#"
+[journal]
+path = "{d}/journal.db"
+[delivery]
+workers = 32
+[streams.results]
+backend = "file"
+path = "{d}/results.jsonl"
+[queues.failures]
+backend = "file"
+path = "{d}/failures.jsonl"
+[routes.default]
+success = {{ kind = "STREAM", streamId = "results" }}
+failure = {{ kind = "QUEUE", queueId = "failures" }}
+"#,
+        d = dir.path().display()
+    );
+    let config = fnrelay::config::load(fnrelay::config::Source::Text(&toml)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let cancel = CancellationToken::new();
+    let daemon = tokio::spawn(fnrelay::run(config, listener, cancel.clone()));
+    let http = reqwest::Client::new();
+    while http.get(format!("{url}/readyz")).send().await.is_err() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let requests = events / batch;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (http, url) = (http.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            for r in (c..requests).step_by(clients) {
+                let completions: Vec<_> = (0..batch)
+                    .map(|i| {
+                        let n = r * batch + i;
+                        serde_json::json!({
+                            "fnCallId": format!("bench-{n}"),
+                            "functionId": "ocid1.fnfunc.oc1..bench",
+                            "applicationId": "ocid1.fnapp.oc1..bench",
+                            "compartmentId": "ocid1.compartment.oc1..bench",
+                            "status": if n % 10 == 0 { 502 } else { 200 },
+                        })
+                    })
+                    .collect();
+                let body = if batch == 1 {
+                    completions.into_iter().next().unwrap()
+                } else {
+                    serde_json::json!({ "completions": completions })
+                };
+                let resp = http
+                    .post(format!("{url}/v1/completions"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 202);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let accepted = start.elapsed();
+    let total = requests * batch;
+    loop {
+        let text = http
+            .get(format!("{url}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let delivered: f64 = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("function_detached_deliveries_total{response_type=\"Success\"")
+            })
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum();
+        if delivered as usize >= total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let delivered = start.elapsed();
+    println!(
+        "batch={batch:>3} clients={clients} events={total}: accepted {:>8.0} events/s ({:.2}s), delivered end-to-end {:>8.0} events/s ({:.2}s)",
+        total as f64 / accepted.as_secs_f64(),
+        accepted.as_secs_f64(),
+        total as f64 / delivered.as_secs_f64(),
+        delivered.as_secs_f64(),
+    );
+    cancel.cancel();
+    daemon.await.unwrap().unwrap();
+}
