@@ -72,7 +72,7 @@ failure = {{ kind = "QUEUE", queueId = "failures" }}
                             "functionId": "ocid1.fnfunc.oc1..bench",
                             "applicationId": "ocid1.fnapp.oc1..bench",
                             "compartmentId": "ocid1.compartment.oc1..bench",
-                            "status": if n % 10 == 0 { 502 } else { 200 },
+                            "status": if n.is_multiple_of(10) { 502 } else { 200 },
                         })
                     })
                     .collect();

@@ -354,7 +354,7 @@ impl Shared {
                 id: record.id.clone(),
                 attempts,
                 error: e.full_message(),
-                label: e.label.as_str().to_string(),
+                label: e.label,
             },
         }
     }
@@ -395,7 +395,6 @@ impl Shared {
                 label,
                 ..
             } => {
-                let label = label_from_str(&label);
                 self.metrics.delivery(
                     record.destination_type,
                     target.kind,
@@ -417,24 +416,4 @@ impl Shared {
             Outcome::Retry { .. } | Outcome::Release { .. } => self.wake.notify_one(),
         }
     }
-}
-
-fn label_from_str(s: &str) -> ErrorLabel {
-    use ErrorLabel::*;
-    [
-        Timeout,
-        Throttled,
-        Unauthorized,
-        Forbidden,
-        NotFound,
-        PayloadTooLarge,
-        ConnectionFailed,
-        Rejected,
-        ServerError,
-        RecordExpired,
-        Other,
-    ]
-    .into_iter()
-    .find(|l| l.as_str() == s)
-    .unwrap_or(Other)
 }

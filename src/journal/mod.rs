@@ -17,6 +17,7 @@ pub use sqlite::{SqliteJournal, now_ms};
 use async_trait::async_trait;
 use serde::Serialize;
 
+use crate::error::ErrorLabel;
 use crate::record::{DestKind, DestinationType};
 
 /// A record to append at accept time.
@@ -119,7 +120,7 @@ pub enum Outcome {
         /// Error text.
         error: String,
         /// The error label, kept for listing.
-        label: String,
+        label: ErrorLabel,
     },
 }
 

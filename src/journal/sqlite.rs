@@ -338,7 +338,7 @@ impl Journal for SqliteJournal {
                             "UPDATE records SET state = 'dead', attempts = ?2, next_attempt_at = ?3,
                                  last_error = ?4, error_label = ?5
                              WHERE id = ?1 AND state = 'inflight'",
-                            params![id, attempts, now, error, label],
+                            params![id, attempts, now, error, label.as_str()],
                         )? as u64;
                     }
                 }
@@ -554,7 +554,7 @@ mod tests {
             id: "A".into(),
             attempts: 2,
             error: "400 bad".into(),
-            label: "rejected".into(),
+            label: crate::error::ErrorLabel::Rejected,
         }])
         .await
         .unwrap();
