@@ -37,9 +37,9 @@ for spec in "${SERVICES[@]+"${SERVICES[@]}"}"; do
 done
 
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --workspace --all-targets --no-fail-fast
+    cargo nextest run --workspace --no-fail-fast
     # nextest does not run doctests.
     cargo test --workspace --doc
 else
-    cargo test --workspace --all-targets --no-fail-fast
+    cargo test --workspace --no-fail-fast
 fi
