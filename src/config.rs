@@ -13,7 +13,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::destination::{file::FileConfig, webhook::WebhookConfig};
+use crate::destination::{
+    amqp::AmqpConfig, file::FileConfig, mqtt::MqttConfig, nats::NatsConfig, nats_jetstream::NatsJetStreamConfig,
+    redis_streams::RedisStreamsConfig, webhook::WebhookConfig,
+};
 use crate::record::DestKind;
 
 /// The embedded default: file destinations under `data/`, no broker needed.
@@ -199,6 +202,21 @@ pub enum ResourceConfig {
     /// HTTPS POST with Standard Webhooks headers.
     #[serde(rename = "webhook")]
     Webhook(WebhookConfig),
+    /// RabbitMQ with publisher confirms.
+    #[serde(rename = "amqp")]
+    Amqp(AmqpConfig),
+    /// NATS JetStream with PubAck.
+    #[serde(rename = "nats-jetstream")]
+    NatsJetStream(NatsJetStreamConfig),
+    /// Redis Streams XADD.
+    #[serde(rename = "redis-streams")]
+    RedisStreams(RedisStreamsConfig),
+    /// MQTT QoS 1.
+    #[serde(rename = "mqtt")]
+    Mqtt(MqttConfig),
+    /// Core NATS publish (at most once at subscribers).
+    #[serde(rename = "nats")]
+    Nats(NatsConfig),
 }
 
 impl ResourceConfig {
@@ -207,6 +225,11 @@ impl ResourceConfig {
         match self {
             ResourceConfig::File(_) => "file",
             ResourceConfig::Webhook(_) => "webhook",
+            ResourceConfig::Amqp(_) => "amqp",
+            ResourceConfig::NatsJetStream(_) => "nats-jetstream",
+            ResourceConfig::RedisStreams(_) => "redis-streams",
+            ResourceConfig::Mqtt(_) => "mqtt",
+            ResourceConfig::Nats(_) => "nats",
         }
     }
 
@@ -214,7 +237,11 @@ impl ResourceConfig {
     fn serves(&self, kind: DestKind) -> bool {
         match self {
             ResourceConfig::File(_) => true,
-            ResourceConfig::Webhook(_) => kind == DestKind::Notification,
+            ResourceConfig::Amqp(_) => kind == DestKind::Queue,
+            ResourceConfig::NatsJetStream(_) | ResourceConfig::RedisStreams(_) => kind == DestKind::Stream,
+            ResourceConfig::Webhook(_) | ResourceConfig::Mqtt(_) | ResourceConfig::Nats(_) => {
+                kind == DestKind::Notification
+            }
         }
     }
 }
@@ -491,6 +518,11 @@ impl Config {
                 let found = match resource {
                     ResourceConfig::File(c) => c.validate(),
                     ResourceConfig::Webhook(c) => c.validate(),
+                    ResourceConfig::Amqp(c) => c.validate(),
+                    ResourceConfig::NatsJetStream(c) => c.validate(),
+                    ResourceConfig::RedisStreams(c) => c.validate(),
+                    ResourceConfig::Mqtt(c) => c.validate(),
+                    ResourceConfig::Nats(c) => c.validate(),
                 };
                 for (key, reason) in found {
                     bad(&format!("{prefix}.{key}"), reason);

@@ -100,6 +100,16 @@ pub async fn run(
         config.journal.max_group_commit,
     )?);
     let registry = destination::Registry::build(&config)?;
+    {
+        // Check destinations in the background: a broker that is down at
+        // start must not stop ingest; its records wait and retry.
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            for (name, e) in registry.check_all().await {
+                tracing::warn!(destination = %name, error = %e.full_message(), "destination check failed at start; its records will be retried");
+            }
+        });
+    }
     let metrics = Arc::new(metrics::Metrics::new());
     let wake = Arc::new(Notify::new());
     let tracker = TaskTracker::new();

@@ -26,7 +26,13 @@ enum Command {
     /// Run the daemon (the default).
     Run,
     /// Validate the configuration and exit 0, or non-zero naming every problem.
-    CheckConfig,
+    /// Also connects to each broker destination and checks its queue, stream
+    /// or exchange exists, unless --offline.
+    CheckConfig {
+        /// Only check the file; do not connect to destinations.
+        #[arg(long)]
+        offline: bool,
+    },
     /// Print the embedded default configuration.
     PrintDefaultConfig,
     /// List or replay dead letters through a running daemon's admin API.
@@ -85,8 +91,12 @@ fn init_logging(config: &Config) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
-        Command::CheckConfig => match load(cli.config.as_ref()) {
-            Ok(_) => {
+        Command::CheckConfig { offline } => match load(cli.config.as_ref()) {
+            Ok(config) => {
+                if !offline && let Err(problems) = check_destinations(&config) {
+                    eprintln!("{problems}");
+                    return ExitCode::FAILURE;
+                }
                 let what = cli
                     .config
                     .as_ref()
@@ -133,6 +143,24 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// Builds every destination and runs its check; the error lists each failure.
+fn check_destinations(config: &Config) -> Result<(), String> {
+    let registry = fnrelay::destination::Registry::build(config).map_err(|e| format!("invalid configuration:\n  - {e}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let failed = runtime.block_on(registry.check_all());
+    if failed.is_empty() {
+        return Ok(());
+    }
+    let lines: Vec<String> = failed
+        .iter()
+        .map(|(name, e)| format!("  - {name}: {}", e.full_message()))
+        .collect();
+    Err(format!("destination check failed:\n{}", lines.join("\n")))
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {

@@ -7,7 +7,13 @@
 //! least once, so every backend must tolerate a duplicate carrying the same
 //! record id (and pass that id on wherever the destination has a dedup key).
 
+pub mod amqp;
 pub mod file;
+pub mod mqtt;
+pub mod nats;
+pub mod nats_jetstream;
+pub mod reconnect;
+pub mod redis_streams;
 pub mod webhook;
 
 use std::collections::HashMap;
@@ -54,8 +60,11 @@ pub trait Destination: Send + Sync + 'static {
     /// confirmed it (fsync, 2xx, broker ack).
     async fn send(&self, record: &OutgoingRecord) -> Result<(), DeliveryError>;
 
-    /// Cheap check that the destination is usable (readiness, circuit probes).
-    async fn health(&self) -> Result<(), DeliveryError> {
+    /// Checks, with network I/O, that the resource exists and is usable
+    /// (a queue, stream or exchange is there; declares it when the config
+    /// asks to). Run at start (a failure is logged, records wait and retry)
+    /// and by `check-config` (a failure is an error).
+    async fn check(&self) -> Result<(), DeliveryError> {
         Ok(())
     }
 }
@@ -67,6 +76,12 @@ pub type ResourceKey = (DestKind, String);
 #[derive(Clone, Default)]
 pub struct Registry {
     map: HashMap<ResourceKey, Arc<dyn Destination>>,
+}
+
+type Built = Result<Arc<dyn Destination>, Box<dyn std::error::Error + Send + Sync>>;
+
+fn boxed<D: Destination, E: std::error::Error + Send + Sync + 'static>(r: Result<D, E>) -> Built {
+    r.map(|d| Arc::new(d) as Arc<dyn Destination>).map_err(Into::into)
 }
 
 /// A resource could not be built.
@@ -85,17 +100,15 @@ impl Registry {
         let mut map: HashMap<ResourceKey, Arc<dyn Destination>> = HashMap::new();
         for (table, kind, resources) in config.resource_tables() {
             for (id, resource) in resources {
-                let built: Result<Arc<dyn Destination>, Box<dyn std::error::Error + Send + Sync>> =
-                    match resource {
-                        ResourceConfig::File(c) => c
-                            .build()
-                            .map(|d| Arc::new(d) as Arc<dyn Destination>)
-                            .map_err(Into::into),
-                        ResourceConfig::Webhook(c) => c
-                            .build()
-                            .map(|d| Arc::new(d) as Arc<dyn Destination>)
-                            .map_err(Into::into),
-                    };
+                let built = match resource {
+                    ResourceConfig::File(c) => boxed(c.build()),
+                    ResourceConfig::Webhook(c) => boxed(c.build()),
+                    ResourceConfig::Amqp(c) => boxed(c.build(id)),
+                    ResourceConfig::NatsJetStream(c) => boxed(c.build()),
+                    ResourceConfig::RedisStreams(c) => boxed(c.build()),
+                    ResourceConfig::Mqtt(c) => boxed(c.build(id)),
+                    ResourceConfig::Nats(c) => boxed(c.build()),
+                };
                 let destination = built.map_err(|source| BuildError {
                     table,
                     id: id.clone(),
@@ -120,6 +133,29 @@ impl Registry {
         destination: Arc<dyn Destination>,
     ) {
         self.map.insert((kind, id.into()), destination);
+    }
+
+    /// Runs every destination's [`Destination::check`] concurrently;
+    /// returns `(table.id, error)` for each that failed.
+    pub async fn check_all(&self) -> Vec<(String, DeliveryError)> {
+        let checks = self.map.iter().map(|((kind, id), d)| {
+            let d = d.clone();
+            let name = format!("{}.{id}", kind.table());
+            async move { (name, tokio::time::timeout(std::time::Duration::from_secs(10), d.check()).await) }
+        });
+        let mut failed = Vec::new();
+        for (name, result) in futures_util::future::join_all(checks).await {
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failed.push((name, e)),
+                Err(_) => failed.push((
+                    name,
+                    DeliveryError::retry(crate::error::ErrorLabel::Timeout, "check did not finish within 10s"),
+                )),
+            }
+        }
+        failed.sort_by(|a, b| a.0.cmp(&b.0));
+        failed
     }
 
     /// All resources.

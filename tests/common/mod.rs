@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -92,7 +94,12 @@ impl Daemon {
 
     /// Waits until a metric reaches `want`.
     pub async fn wait_metric(&self, name_and_labels: &str, want: f64) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        self.wait_metric_for(name_and_labels, want, Duration::from_secs(20)).await
+    }
+
+    /// Waits until a metric reaches `want`, up to `timeout`.
+    pub async fn wait_metric_for(&self, name_and_labels: &str, want: f64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
         loop {
             let text = self.metrics().await;
             let got = metric(&text, name_and_labels);
@@ -326,7 +333,98 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A name unique to this test run, for queues, streams, keys and topics on
+/// the shared local brokers.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}-{:08x}", std::process::id(), fastrand::u32(..))
+}
+
+/// Posts `n` events (batches of 100) named `{prefix}-{i}`; returns fnCallId -> record id.
+pub async fn post_many(d: &Daemon, prefix: &str, n: usize, status: u16) -> std::collections::HashMap<String, String> {
+    let mut ids = std::collections::HashMap::new();
+    let names: Vec<String> = (0..n).map(|i| format!("{prefix}-{i:05}")).collect();
+    for chunk in names.chunks(100) {
+        let batch: Vec<_> = chunk.iter().map(|c| event(c, status)).collect();
+        let (code, answer) = d.post(&serde_json::json!({ "completions": batch })).await;
+        assert_eq!(code, 202, "{answer}");
+        for r in answer["records"].as_array().unwrap() {
+            ids.insert(r["fnCallId"].as_str().unwrap().to_string(), r["id"].as_str().unwrap().to_string());
+        }
+    }
+    ids
+}
+
+/// Checks that every posted record arrived and every copy carries its id.
+/// `got` is (record id, body) per message read back. Returns the duplicates.
+pub fn assert_all_arrived(ids: &std::collections::HashMap<String, String>, got: &[(String, serde_json::Value)]) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    for (id, body) in got {
+        assert_eq!(body["id"].as_str(), Some(id.as_str()), "message id matches the body's id");
+        let call = body["data"]["request"]["fnCallId"].as_str().unwrap();
+        assert_eq!(ids.get(call), Some(id), "{call}: same record id as accepted");
+        seen.insert(id.clone());
+    }
+    assert_eq!(seen.len(), ids.len(), "every accepted record arrived");
+    got.len() - seen.len()
+}
+
 /// Path of the real binary.
 pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_fnrelay"))
+}
+
+/// Common `[journal]` and `[delivery]` for broker tests: fast retries, a
+/// quick breaker, and no dead letters from attempts running out.
+pub const BROKER_PRELUDE: &str = r#"
+[journal]
+path = "{dir}/journal.db"
+[delivery]
+workers = 16
+initial_backoff = "50ms"
+max_backoff = "500ms"
+max_attempts = 10000
+attempt_timeout = "5s"
+breaker_cool_down = "200ms"
+"#;
+
+/// Sum of retried attempts (any error) for a destination.
+pub fn retries(text: &str, kind: &str, id: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with("fnrelay_delivery_attempts_total{outcome=\"retry\"")
+                && l.contains(&format!("destination_kind=\"{kind}\",destination_id=\"{id}\""))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// The broker-outage scenario: 500 records flow, the connection is cut and
+/// refused while 500 more are posted, the daemon sees failures, the broker
+/// comes back, and all 1,000 are confirmed. Returns fnCallId -> record id.
+pub async fn run_with_outage(
+    d: &Daemon,
+    proxy: &proxy::Proxy,
+    prefix: &str,
+    kind: &str,
+    id: &str,
+    dt: &str,
+) -> std::collections::HashMap<String, String> {
+    let delivered = deliveries("Success", "", dt, kind, id);
+    let mut ids = post_many(d, &format!("{prefix}-a"), 500, if dt == "Success" { 200 } else { 500 }).await;
+    wait_until("first records confirmed", std::time::Duration::from_secs(30), || async {
+        metric(&d.metrics().await, &delivered) >= 100.0
+    })
+    .await;
+    proxy.set_down(true);
+    proxy.cut();
+    ids.extend(post_many(d, &format!("{prefix}-b"), 500, if dt == "Success" { 200 } else { 500 }).await);
+    wait_until("the daemon noticed the outage", std::time::Duration::from_secs(30), || async {
+        retries(&d.metrics().await, kind, id) >= 1.0
+    })
+    .await;
+    proxy.set_down(false);
+    d.wait_metric_for(&delivered, 1000.0, std::time::Duration::from_secs(90)).await;
+    let text = d.metrics().await;
+    assert!(!text.contains("response_type=\"Error\""), "nothing dead-lettered: {text}");
+    ids
 }

@@ -1,0 +1,123 @@
+//! `amqp` backend (RabbitMQ, QUEUE kind): persistent messages with
+//! `message_id` = record id, `mandatory` so an unroutable message is an
+//! error, and publisher confirms awaited before the record counts as
+//! delivered. One connection with a confirm-mode channel per resource,
+//! shared by all workers (confirms pipeline on it), rebuilt after an error.
+
+mod client;
+mod config;
+mod encode;
+
+pub use config::{AmqpConfig, ChannelIdAs};
+
+use async_trait::async_trait;
+
+use crate::destination::{Destination, OutgoingRecord};
+use crate::error::{DeliveryError, ErrorLabel};
+
+/// Why an AMQP attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    /// Connecting or opening the channel failed.
+    #[error("cannot connect to the AMQP broker")]
+    Connect(#[source] lapin::Error),
+    /// The last connect failed moments ago.
+    #[error("AMQP broker unreachable; reconnecting in {0:?}")]
+    Paused(std::time::Duration),
+    /// Publishing or waiting for the confirm failed.
+    #[error("AMQP publish failed")]
+    Publish(#[source] lapin::Error),
+    /// The broker returned the message: no queue is bound for it.
+    #[error("message unroutable: no queue bound to exchange `{exchange}` with routing key `{routing_key}`")]
+    Unroutable {
+        /// Exchange published to.
+        exchange: String,
+        /// Routing key used.
+        routing_key: String,
+    },
+    /// The broker nacked the message.
+    #[error("broker nacked the message")]
+    Nacked,
+    /// The queue or exchange checked at start is missing.
+    #[error("{what} `{name}` does not exist on the broker (set declare = true to create it)")]
+    Missing {
+        /// `queue` or `exchange`.
+        what: &'static str,
+        /// Its name.
+        name: String,
+    },
+}
+
+/// Reply code of an AMQP protocol error, if that is what `e` is.
+fn reply_code(e: &lapin::Error) -> Option<u16> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(p) => Some(p.get_id()),
+        _ => None,
+    }
+}
+
+fn classify(e: &lapin::Error) -> (ErrorLabel, bool) {
+    match reply_code(e) {
+        Some(403) => (ErrorLabel::Forbidden, false),
+        Some(404) => (ErrorLabel::NotFound, false),
+        Some(311) => (ErrorLabel::PayloadTooLarge, false), // CONTENT_TOO_LARGE
+        Some(406) => (ErrorLabel::Rejected, false),        // PRECONDITION_FAILED
+        Some(_) => (ErrorLabel::ServerError, true),
+        None => (ErrorLabel::ConnectionFailed, true),
+    }
+}
+
+impl From<AmqpError> for DeliveryError {
+    fn from(e: AmqpError) -> Self {
+        let message = e.to_string();
+        match &e {
+            AmqpError::Connect(inner) => {
+                let (label, retry) = match reply_code(inner) {
+                    Some(403) => (ErrorLabel::Unauthorized, false),
+                    _ => (ErrorLabel::ConnectionFailed, true),
+                };
+                let d = if retry {
+                    DeliveryError::retry(label, message)
+                } else {
+                    DeliveryError::permanent(label, message)
+                };
+                d.with_source(e)
+            }
+            AmqpError::Paused(after) => {
+                DeliveryError::retry(ErrorLabel::ConnectionFailed, message).with_retry_after(Some(*after))
+            }
+            AmqpError::Publish(inner) => {
+                let (label, retry) = classify(inner);
+                let d = if retry {
+                    DeliveryError::retry(label, message)
+                } else {
+                    DeliveryError::permanent(label, message)
+                };
+                d.with_source(e)
+            }
+            AmqpError::Unroutable { .. } => DeliveryError::permanent(ErrorLabel::NotFound, message),
+            AmqpError::Nacked => DeliveryError::retry(ErrorLabel::ServerError, message),
+            AmqpError::Missing { .. } => DeliveryError::permanent(ErrorLabel::NotFound, message),
+        }
+    }
+}
+
+/// A RabbitMQ destination.
+pub struct AmqpDestination {
+    client: client::Client,
+}
+
+#[async_trait]
+impl Destination for AmqpDestination {
+    fn backend(&self) -> &'static str {
+        "amqp"
+    }
+
+    async fn send(&self, record: &OutgoingRecord) -> Result<(), DeliveryError> {
+        self.client.publish(record).await.map_err(Into::into)
+    }
+
+    async fn check(&self) -> Result<(), DeliveryError> {
+        self.client.check().await.map_err(Into::into)
+    }
+}

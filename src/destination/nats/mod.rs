@@ -1,0 +1,77 @@
+//! `nats` backend (NOTIFICATION kind): core NATS publish followed by a
+//! flush. Core NATS has no acknowledgement: a successful flush means the
+//! server received the message, not that any subscriber did. Delivery to
+//! subscribers is at most once (a subscriber that is disconnected misses
+//! it). Use `nats-jetstream` when records must not be missed. The record id
+//! travels in `Nats-Msg-Id` so subscribers can deduplicate retries.
+
+mod client;
+mod config;
+mod encode;
+
+pub use config::NatsConfig;
+
+use async_trait::async_trait;
+
+use crate::destination::{Destination, OutgoingRecord};
+use crate::error::{DeliveryError, ErrorLabel};
+
+/// Why a core NATS attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    /// Could not connect.
+    #[error("cannot connect to NATS")]
+    Connect(#[source] async_nats::ConnectError),
+    /// The last connect failed moments ago.
+    #[error("NATS unreachable; reconnecting in {0:?}")]
+    Paused(std::time::Duration),
+    /// The message is over the server's max_payload.
+    #[error("record of {size} bytes is over the server's max_payload of {max}")]
+    TooLarge {
+        /// Message size.
+        size: usize,
+        /// Server limit.
+        max: usize,
+    },
+    /// Publish was refused by the client.
+    #[error("NATS publish failed")]
+    Publish(#[source] async_nats::PublishError),
+    /// The flush did not complete (connection down).
+    #[error("NATS flush failed")]
+    Flush(#[source] async_nats::client::FlushError),
+    /// The flush did not complete in time.
+    #[error("NATS flush timed out")]
+    FlushTimeout,
+}
+
+impl From<NatsError> for DeliveryError {
+    fn from(e: NatsError) -> Self {
+        let message = e.to_string();
+        match &e {
+            NatsError::Connect(_) | NatsError::Publish(_) | NatsError::Flush(_) => {
+                DeliveryError::retry(ErrorLabel::ConnectionFailed, message).with_source(e)
+            }
+            NatsError::Paused(after) => {
+                DeliveryError::retry(ErrorLabel::ConnectionFailed, message).with_retry_after(Some(*after))
+            }
+            NatsError::TooLarge { .. } => DeliveryError::permanent(ErrorLabel::PayloadTooLarge, message),
+            NatsError::FlushTimeout => DeliveryError::retry(ErrorLabel::Timeout, message),
+        }
+    }
+}
+
+/// A core NATS destination.
+pub struct NatsDestination {
+    client: client::Client,
+}
+
+#[async_trait]
+impl Destination for NatsDestination {
+    fn backend(&self) -> &'static str {
+        "nats"
+    }
+
+    async fn send(&self, record: &OutgoingRecord) -> Result<(), DeliveryError> {
+        self.client.publish(record).await.map_err(Into::into)
+    }
+}

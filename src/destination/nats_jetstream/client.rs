@@ -1,0 +1,112 @@
+//! The NATS connection and the JetStream publish.
+
+use async_nats::jetstream::{self, stream};
+
+use super::{JetStreamError, NatsJetStreamConfig, encode};
+use crate::destination::OutgoingRecord;
+use crate::destination::reconnect::{ConnectFailure, Reconnect};
+
+pub struct Client {
+    config: NatsJetStreamConfig,
+    conn: Reconnect<jetstream::Context>,
+}
+
+impl Client {
+    pub fn new(config: NatsJetStreamConfig) -> Self {
+        Self {
+            config,
+            conn: Reconnect::default(),
+        }
+    }
+
+    async fn context(&self) -> Result<jetstream::Context, JetStreamError> {
+        let timeout = self.config.ack_timeout;
+        self.conn
+            .get(|| async {
+                let client = self.config.connection.connect().await?;
+                let mut context = jetstream::new(client);
+                context.set_timeout(timeout);
+                Ok(context)
+            })
+            .await
+            .map_err(|e| match e {
+                ConnectFailure::Paused(d) => JetStreamError::Paused(d),
+                ConnectFailure::Failed(e) => JetStreamError::Connect(e),
+            })
+    }
+
+    pub async fn publish(&self, record: &OutgoingRecord) -> Result<(), JetStreamError> {
+        let js = self.context().await?;
+        // async-nats reconnects by itself; the context stays valid.
+        let ack = js
+            .send_publish(self.config.subject.clone(), encode::publish(record))
+            .await
+            .map_err(JetStreamError::Publish)?;
+        // A duplicate ack means the stream already holds this record id.
+        ack.await.map(|_| ()).map_err(JetStreamError::Publish)
+    }
+
+    pub async fn check(&self) -> Result<(), JetStreamError> {
+        let Some(name) = &self.config.stream else {
+            return Ok(());
+        };
+        let js = self.context().await?;
+        let err = |reason: String| JetStreamError::Stream {
+            stream: name.clone(),
+            reason,
+        };
+        if self.config.create_stream {
+            js.get_or_create_stream(stream::Config {
+                name: name.clone(),
+                subjects: vec![self.config.subject.clone()],
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err(format!("cannot create it: {e}")))?;
+            return Ok(());
+        }
+        let mut s = js
+            .get_stream(name)
+            .await
+            .map_err(|e| err(format!("does not exist or cannot be read ({e}); set create_stream = true to create it")))?;
+        let info = s.info().await.map_err(|e| err(e.to_string()))?;
+        let captures = info.config.subjects.iter().any(|pattern| subject_matches(pattern, &self.config.subject));
+        if !captures {
+            return Err(err(format!(
+                "does not capture subject `{}` (its subjects: {:?})",
+                self.config.subject, info.config.subjects
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// NATS subject matching with `*` and `>` wildcards.
+fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subject_matches;
+
+    #[test]
+    fn wildcards() {
+        assert!(subject_matches("fn.>", "fn.results.x"));
+        assert!(subject_matches("fn.*", "fn.results"));
+        assert!(!subject_matches("fn.*", "fn.results.x"));
+        assert!(subject_matches("fn.results", "fn.results"));
+        assert!(!subject_matches("other", "fn.results"));
+    }
+}

@@ -1,0 +1,62 @@
+//! The Redis connection manager and XADD.
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::{RedisStreamsConfig, RedisStreamsError, encode};
+use crate::destination::OutgoingRecord;
+use crate::destination::reconnect::{ConnectFailure, Reconnect};
+
+pub struct Client {
+    redis: redis::Client,
+    config: RedisStreamsConfig,
+    conn: Reconnect<ConnectionManager>,
+}
+
+impl Client {
+    pub fn new(redis: redis::Client, config: RedisStreamsConfig) -> Self {
+        Self {
+            redis,
+            config,
+            conn: Reconnect::default(),
+        }
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, RedisStreamsError> {
+        let settings = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.config.timeout))
+            .set_response_timeout(Some(self.config.timeout))
+            .set_number_of_retries(2);
+        self.conn
+            .get(|| ConnectionManager::new_with_config(self.redis.clone(), settings))
+            .await
+            .map_err(|e| match e {
+                ConnectFailure::Paused(d) => RedisStreamsError::Paused(d),
+                ConnectFailure::Failed(e) => RedisStreamsError::Connect(e),
+            })
+    }
+
+    pub async fn xadd(&self, record: &OutgoingRecord) -> Result<(), RedisStreamsError> {
+        let mut conn = self.connection().await?;
+        let cmd = encode::xadd(&self.config.stream_key, self.config.maxlen, record);
+        let _entry: String = cmd.query_async(&mut conn).await.map_err(RedisStreamsError::Command)?;
+        Ok(())
+    }
+
+    /// Connects and checks the key is a stream or absent.
+    pub async fn check(&self) -> Result<(), RedisStreamsError> {
+        let mut conn = self.connection().await?;
+        let kind: String = redis::cmd("TYPE")
+            .arg(&self.config.stream_key)
+            .query_async(&mut conn)
+            .await
+            .map_err(RedisStreamsError::Command)?;
+        if kind == "stream" || kind == "none" {
+            Ok(())
+        } else {
+            Err(RedisStreamsError::WrongType {
+                key: self.config.stream_key.clone(),
+                kind,
+            })
+        }
+    }
+}

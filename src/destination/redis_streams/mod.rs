@@ -1,0 +1,96 @@
+//! `redis-streams` backend (STREAM kind): `XADD stream_key [MAXLEN ~ n] *
+//! id <record id> key <functionId> record <record JSON>`. The entry id the
+//! server answers is the confirmation. Redis 7 has no idempotent XADD, so a
+//! retried record can appear twice; consumers deduplicate on the `id` field.
+//! The connection manager reconnects by itself after a drop.
+
+mod client;
+mod config;
+mod encode;
+
+pub use config::RedisStreamsConfig;
+
+use async_trait::async_trait;
+
+use crate::destination::{Destination, OutgoingRecord};
+use crate::error::{DeliveryError, ErrorLabel};
+
+/// Why a Redis attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisStreamsError {
+    /// Could not connect.
+    #[error("cannot connect to Redis")]
+    Connect(#[source] redis::RedisError),
+    /// The last connect failed moments ago.
+    #[error("Redis unreachable; reconnecting in {0:?}")]
+    Paused(std::time::Duration),
+    /// The command failed.
+    #[error("XADD failed")]
+    Command(#[source] redis::RedisError),
+    /// The stream key holds another type (found by the start check).
+    #[error("key `{key}` is a {kind}, not a stream")]
+    WrongType {
+        /// The key.
+        key: String,
+        /// Its Redis type.
+        kind: String,
+    },
+}
+
+fn classify(e: &redis::RedisError) -> (ErrorLabel, bool) {
+    if e.is_timeout() {
+        return (ErrorLabel::Timeout, true);
+    }
+    if e.is_io_error() || e.is_connection_refusal() || e.is_connection_dropped() {
+        return (ErrorLabel::ConnectionFailed, true);
+    }
+    match e.code() {
+        // The key holds another type: this record can never be added there.
+        Some("WRONGTYPE") => (ErrorLabel::Rejected, false),
+        Some("NOAUTH") | Some("WRONGPASS") => (ErrorLabel::Unauthorized, false),
+        Some("NOPERM") => (ErrorLabel::Forbidden, false),
+        // OOM, LOADING, BUSY, READONLY, MASTERDOWN, TRYAGAIN, ERR ...: the
+        // server may recover; do not lose the record over it.
+        Some(_) => (ErrorLabel::ServerError, true),
+        None => (ErrorLabel::Other, true),
+    }
+}
+
+impl From<RedisStreamsError> for DeliveryError {
+    fn from(e: RedisStreamsError) -> Self {
+        let message = e.to_string();
+        let (label, retry) = match &e {
+            RedisStreamsError::Connect(inner) | RedisStreamsError::Command(inner) => classify(inner),
+            RedisStreamsError::WrongType { .. } => (ErrorLabel::Rejected, false),
+            RedisStreamsError::Paused(after) => {
+                return DeliveryError::retry(ErrorLabel::ConnectionFailed, message).with_retry_after(Some(*after));
+            }
+        };
+        let d = if retry {
+            DeliveryError::retry(label, message)
+        } else {
+            DeliveryError::permanent(label, message)
+        };
+        d.with_source(e)
+    }
+}
+
+/// A Redis Streams destination.
+pub struct RedisStreamsDestination {
+    client: client::Client,
+}
+
+#[async_trait]
+impl Destination for RedisStreamsDestination {
+    fn backend(&self) -> &'static str {
+        "redis-streams"
+    }
+
+    async fn send(&self, record: &OutgoingRecord) -> Result<(), DeliveryError> {
+        self.client.xadd(record).await.map_err(Into::into)
+    }
+
+    async fn check(&self) -> Result<(), DeliveryError> {
+        self.client.check().await.map_err(Into::into)
+    }
+}
