@@ -5,23 +5,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Services the suite talks to: "name port debian-package start-command".
-# The core suite needs none; broker backends add theirs here.
-SERVICES=()
-
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+sudo_cmd() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# ensure_service NAME PORT DEBIAN_PACKAGE BINARY START_COMMAND
+# Starts the service if nothing listens on PORT, installing the package
+# first if BINARY is missing; waits up to 120 s for the port.
 ensure_service() {
-    local name=$1 port=$2 package=$3 start=$4
+    local name=$1 port=$2 package=$3 binary=$4 start=$5
     if port_open "$port"; then return; fi
     echo "test.sh: $name is not listening on :$port; starting it" >&2
-    if ! command -v "${start%% *}" >/dev/null 2>&1; then
+    if ! command -v "$binary" >/dev/null 2>&1 && [ ! -x "$binary" ]; then
         echo "test.sh: installing $package" >&2
         sudo_cmd apt-get update -qq
         DEBIAN_FRONTEND=noninteractive sudo_cmd apt-get install -y -qq "$package"
     fi
     sudo_cmd bash -c "$start"
-    for _ in $(seq 1 60); do
+    for _ in $(seq 1 120); do
         if port_open "$port"; then return; fi
         sleep 1
     done
@@ -29,12 +30,15 @@ ensure_service() {
     exit 1
 }
 
-sudo_cmd() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-
-for spec in "${SERVICES[@]+"${SERVICES[@]}"}"; do
-    # shellcheck disable=SC2086
-    eval ensure_service $spec
-done
+# The broker backends are tested against these real services.
+ensure_service Redis 6379 redis-server redis-server \
+    "redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no"
+ensure_service RabbitMQ 5672 rabbitmq-server rabbitmq-server \
+    "rabbitmq-server -detached"
+ensure_service Mosquitto 1883 mosquitto mosquitto \
+    "mosquitto -d -c /etc/mosquitto/mosquitto.conf"
+ensure_service "NATS (JetStream)" 4222 nats-server /usr/sbin/nats-server \
+    "mkdir -p /var/lib/nats-server && start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server"
 
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast

@@ -14,8 +14,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::destination::{
-    amqp::AmqpConfig, file::FileConfig, mqtt::MqttConfig, nats::NatsConfig, nats_jetstream::NatsJetStreamConfig,
-    redis_streams::RedisStreamsConfig, webhook::WebhookConfig,
+    amqp::AmqpConfig, file::FileConfig, mqtt::MqttConfig, nats::NatsConfig,
+    nats_jetstream::NatsJetStreamConfig, redis_streams::RedisStreamsConfig, webhook::WebhookConfig,
 };
 use crate::record::DestKind;
 
@@ -238,7 +238,9 @@ impl ResourceConfig {
         match self {
             ResourceConfig::File(_) => true,
             ResourceConfig::Amqp(_) => kind == DestKind::Queue,
-            ResourceConfig::NatsJetStream(_) | ResourceConfig::RedisStreams(_) => kind == DestKind::Stream,
+            ResourceConfig::NatsJetStream(_) | ResourceConfig::RedisStreams(_) => {
+                kind == DestKind::Stream
+            }
             ResourceConfig::Webhook(_) | ResourceConfig::Mqtt(_) | ResourceConfig::Nats(_) => {
                 kind == DestKind::Notification
             }

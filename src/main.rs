@@ -147,7 +147,8 @@ fn main() -> ExitCode {
 
 /// Builds every destination and runs its check; the error lists each failure.
 fn check_destinations(config: &Config) -> Result<(), String> {
-    let registry = fnrelay::destination::Registry::build(config).map_err(|e| format!("invalid configuration:\n  - {e}"))?;
+    let registry = fnrelay::destination::Registry::build(config)
+        .map_err(|e| format!("invalid configuration:\n  - {e}"))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

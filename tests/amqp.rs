@@ -28,9 +28,12 @@ success = {{ kind = "QUEUE", queueId = "jobs" }}
 
 /// Reads (and acks) every message of `queue`: (message_id, body, headers).
 async fn drain(queue: &str) -> Vec<(String, serde_json::Value, String)> {
-    let conn = Connection::connect(&format!("amqp://guest:guest@{BROKER}/%2f"), ConnectionProperties::default())
-        .await
-        .unwrap();
+    let conn = Connection::connect(
+        &format!("amqp://guest:guest@{BROKER}/%2f"),
+        ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
     let channel = conn.create_channel().await.unwrap();
     let mut out = Vec::new();
     while let Some(m) = channel
@@ -41,7 +44,10 @@ async fn drain(queue: &str) -> Vec<(String, serde_json::Value, String)> {
         let props = &m.delivery.properties;
         let headers = format!("{:?}", props.headers());
         assert_eq!(*props.delivery_mode(), Some(2), "persistent");
-        assert_eq!(props.content_type().as_ref().unwrap().as_str(), "application/json");
+        assert_eq!(
+            props.content_type().as_ref().unwrap().as_str(),
+            "application/json"
+        );
         out.push((
             props.message_id().as_ref().unwrap().to_string(),
             serde_json::from_slice(&m.delivery.data).unwrap(),
@@ -52,23 +58,34 @@ async fn drain(queue: &str) -> Vec<(String, serde_json::Value, String)> {
 }
 
 async fn delete(queue: &str) {
-    let conn = Connection::connect(&format!("amqp://guest:guest@{BROKER}/%2f"), ConnectionProperties::default())
-        .await
-        .unwrap();
+    let conn = Connection::connect(
+        &format!("amqp://guest:guest@{BROKER}/%2f"),
+        ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
     let channel = conn.create_channel().await.unwrap();
-    let _ = channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await;
+    let _ = channel
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await;
 }
 
 #[tokio::test]
 async fn records_arrive_persistent_with_message_id_and_channel_as_routing_key() {
     let queue = unique("fnrelay-amqp");
     // The queue is declared by the daemon; channelId routes to it.
-    let d = start(&config(BROKER, &format!("queue = \"{queue}\"\ndeclare = true"))).await;
+    let d = start(&config(
+        BROKER,
+        &format!("queue = \"{queue}\"\ndeclare = true"),
+    ))
+    .await;
     let mut e = event("amqp-1", 502);
-    e["destinations"] = serde_json::json!({"failure": {"kind": "QUEUE", "queueId": "jobs", "channelId": queue}});
+    e["destinations"] =
+        serde_json::json!({"failure": {"kind": "QUEUE", "queueId": "jobs", "channelId": queue}});
     let (_, answer) = d.post(&e).await;
     let id = answer["records"][0]["id"].as_str().unwrap().to_string();
-    d.wait_metric(&deliveries("Success", "", "Failure", "QUEUE", "jobs"), 1.0).await;
+    d.wait_metric(&deliveries("Success", "", "Failure", "QUEUE", "jobs"), 1.0)
+        .await;
     let got = drain(&queue).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].0, id);
@@ -82,7 +99,11 @@ async fn an_unroutable_record_is_dead_lettered_as_not_found() {
     let missing = unique("fnrelay-nowhere");
     let d = start(&config(BROKER, &format!("routing_key = \"{missing}\""))).await;
     d.post(&event("amqp-unroutable", 200)).await;
-    d.wait_metric(&deliveries("Error", "not_found", "Success", "QUEUE", "jobs"), 1.0).await;
+    d.wait_metric(
+        &deliveries("Error", "not_found", "Success", "QUEUE", "jobs"),
+        1.0,
+    )
+    .await;
     let list: serde_json::Value = d
         .http
         .get(format!("{}/v1/dead-letters", d.url))
@@ -93,7 +114,10 @@ async fn an_unroutable_record_is_dead_lettered_as_not_found() {
         .await
         .unwrap();
     let last = list["deadLetters"][0]["lastError"].as_str().unwrap();
-    assert!(last.contains("unroutable") && last.contains(&missing), "{last}");
+    assert!(
+        last.contains("unroutable") && last.contains(&missing),
+        "{last}"
+    );
 }
 
 #[test]
@@ -103,7 +127,8 @@ fn check_config_fails_when_the_queue_is_missing() {
     let path = dir.path().join("c.toml");
     std::fs::write(
         &path,
-        config(BROKER, &format!("queue = \"{missing}\"")).replace("{dir}", dir.path().to_str().unwrap()),
+        config(BROKER, &format!("queue = \"{missing}\""))
+            .replace("{dir}", dir.path().to_str().unwrap()),
     )
     .unwrap();
     let out = std::process::Command::new(binary())
@@ -113,11 +138,18 @@ fn check_config_fails_when_the_queue_is_missing() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains(&format!("queues.jobs: queue `{missing}` does not exist on the broker")),
+        err.contains(&format!(
+            "queues.jobs: queue `{missing}` does not exist on the broker"
+        )),
         "{err}"
     );
     let out = std::process::Command::new(binary())
-        .args(["check-config", "--offline", "--config", path.to_str().unwrap()])
+        .args([
+            "check-config",
+            "--offline",
+            "--config",
+            path.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "--offline does not connect");
@@ -128,9 +160,12 @@ async fn a_cut_connection_mid_run_loses_nothing() {
     let queue = unique("fnrelay-amqp-cut");
     {
         // Declared up front: the proxy test is about the connection, not declaration.
-        let conn = Connection::connect(&format!("amqp://guest:guest@{BROKER}/%2f"), ConnectionProperties::default())
-            .await
-            .unwrap();
+        let conn = Connection::connect(
+            &format!("amqp://guest:guest@{BROKER}/%2f"),
+            ConnectionProperties::default(),
+        )
+        .await
+        .unwrap();
         let channel = conn.create_channel().await.unwrap();
         channel
             .queue_declare(
@@ -145,11 +180,25 @@ async fn a_cut_connection_mid_run_loses_nothing() {
             .unwrap();
     }
     let proxy = Proxy::start(BROKER).await;
-    let d = start(&config(&proxy.addr.to_string(), &format!("routing_key = \"{queue}\""))).await;
+    let d = start(&config(
+        &proxy.addr.to_string(),
+        &format!("routing_key = \"{queue}\""),
+    ))
+    .await;
     let ids = run_with_outage(&d, &proxy, "amqp-cut", "QUEUE", "jobs", "Success").await;
-    let got: Vec<_> = drain(&queue).await.into_iter().map(|(id, body, _)| (id, body)).collect();
+    let got: Vec<_> = drain(&queue)
+        .await
+        .into_iter()
+        .map(|(id, body, _)| (id, body))
+        .collect();
     let dups = assert_all_arrived(&ids, &got);
-    eprintln!("amqp outage run: {} records, {} messages, {dups} duplicates", ids.len(), got.len());
+    eprintln!(
+        "amqp outage run: {} records, {} messages, {dups} duplicates",
+        ids.len(),
+        got.len()
+    );
     delete(&queue).await;
-    tokio::time::timeout(Duration::from_secs(30), d.stop()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), d.stop())
+        .await
+        .unwrap();
 }

@@ -81,7 +81,8 @@ pub struct Registry {
 type Built = Result<Arc<dyn Destination>, Box<dyn std::error::Error + Send + Sync>>;
 
 fn boxed<D: Destination, E: std::error::Error + Send + Sync + 'static>(r: Result<D, E>) -> Built {
-    r.map(|d| Arc::new(d) as Arc<dyn Destination>).map_err(Into::into)
+    r.map(|d| Arc::new(d) as Arc<dyn Destination>)
+        .map_err(Into::into)
 }
 
 /// A resource could not be built.
@@ -141,7 +142,12 @@ impl Registry {
         let checks = self.map.iter().map(|((kind, id), d)| {
             let d = d.clone();
             let name = format!("{}.{id}", kind.table());
-            async move { (name, tokio::time::timeout(std::time::Duration::from_secs(10), d.check()).await) }
+            async move {
+                (
+                    name,
+                    tokio::time::timeout(std::time::Duration::from_secs(10), d.check()).await,
+                )
+            }
         });
         let mut failed = Vec::new();
         for (name, result) in futures_util::future::join_all(checks).await {
@@ -150,7 +156,10 @@ impl Registry {
                 Ok(Err(e)) => failed.push((name, e)),
                 Err(_) => failed.push((
                     name,
-                    DeliveryError::retry(crate::error::ErrorLabel::Timeout, "check did not finish within 10s"),
+                    DeliveryError::retry(
+                        crate::error::ErrorLabel::Timeout,
+                        "check did not finish within 10s",
+                    ),
                 )),
             }
         }

@@ -96,10 +96,17 @@ mod tests {
         let got = r.get(|| async { Err::<u32, &str>("refused") }).await;
         assert!(matches!(got, Err(ConnectFailure::Failed("refused"))));
         let got = r.get(|| async { Ok::<u32, &str>(1) }).await;
-        assert!(matches!(got, Err(ConnectFailure::Paused(_))), "paused after a failure");
+        assert!(
+            matches!(got, Err(ConnectFailure::Paused(_))),
+            "paused after a failure"
+        );
         tokio::time::advance(FIRST_PAUSE).await;
         assert_eq!(r.get(|| async { Ok::<u32, &str>(7) }).await.unwrap(), 7);
-        assert_eq!(r.get(|| async { Ok::<u32, &str>(8) }).await.unwrap(), 7, "reused");
+        assert_eq!(
+            r.get(|| async { Ok::<u32, &str>(8) }).await.unwrap(),
+            7,
+            "reused"
+        );
         r.reset().await;
         assert_eq!(r.get(|| async { Ok::<u32, &str>(9) }).await.unwrap(), 9);
     }

@@ -94,7 +94,8 @@ impl Daemon {
 
     /// Waits until a metric reaches `want`.
     pub async fn wait_metric(&self, name_and_labels: &str, want: f64) {
-        self.wait_metric_for(name_and_labels, want, Duration::from_secs(20)).await
+        self.wait_metric_for(name_and_labels, want, Duration::from_secs(20))
+            .await
     }
 
     /// Waits until a metric reaches `want`, up to `timeout`.
@@ -340,7 +341,12 @@ pub fn unique(prefix: &str) -> String {
 }
 
 /// Posts `n` events (batches of 100) named `{prefix}-{i}`; returns fnCallId -> record id.
-pub async fn post_many(d: &Daemon, prefix: &str, n: usize, status: u16) -> std::collections::HashMap<String, String> {
+pub async fn post_many(
+    d: &Daemon,
+    prefix: &str,
+    n: usize,
+    status: u16,
+) -> std::collections::HashMap<String, String> {
     let mut ids = std::collections::HashMap::new();
     let names: Vec<String> = (0..n).map(|i| format!("{prefix}-{i:05}")).collect();
     for chunk in names.chunks(100) {
@@ -348,7 +354,10 @@ pub async fn post_many(d: &Daemon, prefix: &str, n: usize, status: u16) -> std::
         let (code, answer) = d.post(&serde_json::json!({ "completions": batch })).await;
         assert_eq!(code, 202, "{answer}");
         for r in answer["records"].as_array().unwrap() {
-            ids.insert(r["fnCallId"].as_str().unwrap().to_string(), r["id"].as_str().unwrap().to_string());
+            ids.insert(
+                r["fnCallId"].as_str().unwrap().to_string(),
+                r["id"].as_str().unwrap().to_string(),
+            );
         }
     }
     ids
@@ -356,12 +365,23 @@ pub async fn post_many(d: &Daemon, prefix: &str, n: usize, status: u16) -> std::
 
 /// Checks that every posted record arrived and every copy carries its id.
 /// `got` is (record id, body) per message read back. Returns the duplicates.
-pub fn assert_all_arrived(ids: &std::collections::HashMap<String, String>, got: &[(String, serde_json::Value)]) -> usize {
+pub fn assert_all_arrived(
+    ids: &std::collections::HashMap<String, String>,
+    got: &[(String, serde_json::Value)],
+) -> usize {
     let mut seen = std::collections::HashSet::new();
     for (id, body) in got {
-        assert_eq!(body["id"].as_str(), Some(id.as_str()), "message id matches the body's id");
+        assert_eq!(
+            body["id"].as_str(),
+            Some(id.as_str()),
+            "message id matches the body's id"
+        );
         let call = body["data"]["request"]["fnCallId"].as_str().unwrap();
-        assert_eq!(ids.get(call), Some(id), "{call}: same record id as accepted");
+        assert_eq!(
+            ids.get(call),
+            Some(id),
+            "{call}: same record id as accepted"
+        );
         seen.insert(id.clone());
     }
     assert_eq!(seen.len(), ids.len(), "every accepted record arrived");
@@ -392,7 +412,9 @@ pub fn retries(text: &str, kind: &str, id: &str) -> f64 {
     text.lines()
         .filter(|l| {
             l.starts_with("fnrelay_delivery_attempts_total{outcome=\"retry\"")
-                && l.contains(&format!("destination_kind=\"{kind}\",destination_id=\"{id}\""))
+                && l.contains(&format!(
+                    "destination_kind=\"{kind}\",destination_id=\"{id}\""
+                ))
         })
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum()
@@ -410,21 +432,43 @@ pub async fn run_with_outage(
     dt: &str,
 ) -> std::collections::HashMap<String, String> {
     let delivered = deliveries("Success", "", dt, kind, id);
-    let mut ids = post_many(d, &format!("{prefix}-a"), 500, if dt == "Success" { 200 } else { 500 }).await;
-    wait_until("first records confirmed", std::time::Duration::from_secs(30), || async {
-        metric(&d.metrics().await, &delivered) >= 100.0
-    })
+    let mut ids = post_many(
+        d,
+        &format!("{prefix}-a"),
+        500,
+        if dt == "Success" { 200 } else { 500 },
+    )
+    .await;
+    wait_until(
+        "first records confirmed",
+        std::time::Duration::from_secs(30),
+        || async { metric(&d.metrics().await, &delivered) >= 100.0 },
+    )
     .await;
     proxy.set_down(true);
     proxy.cut();
-    ids.extend(post_many(d, &format!("{prefix}-b"), 500, if dt == "Success" { 200 } else { 500 }).await);
-    wait_until("the daemon noticed the outage", std::time::Duration::from_secs(30), || async {
-        retries(&d.metrics().await, kind, id) >= 1.0
-    })
+    ids.extend(
+        post_many(
+            d,
+            &format!("{prefix}-b"),
+            500,
+            if dt == "Success" { 200 } else { 500 },
+        )
+        .await,
+    );
+    wait_until(
+        "the daemon noticed the outage",
+        std::time::Duration::from_secs(30),
+        || async { retries(&d.metrics().await, kind, id) >= 1.0 },
+    )
     .await;
     proxy.set_down(false);
-    d.wait_metric_for(&delivered, 1000.0, std::time::Duration::from_secs(90)).await;
+    d.wait_metric_for(&delivered, 1000.0, std::time::Duration::from_secs(90))
+        .await;
     let text = d.metrics().await;
-    assert!(!text.contains("response_type=\"Error\""), "nothing dead-lettered: {text}");
+    assert!(
+        !text.contains("response_type=\"Error\""),
+        "nothing dead-lettered: {text}"
+    );
     ids
 }

@@ -26,7 +26,9 @@ impl Proxy {
         let (d, c) = (down.clone(), conns.clone());
         let accept = tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
                 if d.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;

@@ -1,7 +1,8 @@
 //! The AMQP connection, its confirm-mode channel, and the publish.
 
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
@@ -43,9 +44,13 @@ impl Client {
     }
 
     async fn connect(&self) -> Result<Conn, lapin::Error> {
-        let connection = Connection::connect_uri(self.settings.uri.clone(), ConnectionProperties::default()).await?;
+        let connection =
+            Connection::connect_uri(self.settings.uri.clone(), ConnectionProperties::default())
+                .await?;
         let channel = connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         if self.settings.declare {
             // Declared on every (re)connect, before the first publish, so a
             // broker that lost its definitions gets them back.
@@ -139,7 +144,10 @@ impl Client {
                 )
                 .await?;
             if !s.exchange.is_empty() {
-                let key = s.routing_key.clone().unwrap_or_else(|| s.resource_id.clone());
+                let key = s
+                    .routing_key
+                    .clone()
+                    .unwrap_or_else(|| s.resource_id.clone());
                 channel
                     .queue_bind(
                         queue.as_str().into(),
@@ -161,7 +169,10 @@ impl Client {
         let connection = Connection::connect_uri(s.uri.clone(), ConnectionProperties::default())
             .await
             .map_err(AmqpError::Connect)?;
-        let channel = connection.create_channel().await.map_err(AmqpError::Connect)?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(AmqpError::Connect)?;
         if s.declare {
             self.declare(&channel).await.map_err(AmqpError::Publish)?;
         } else {

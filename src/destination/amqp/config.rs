@@ -54,7 +54,10 @@ impl AmqpConfig {
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
         match self.url.parse::<lapin::uri::AMQPUri>() {
-            Err(e) => out.push(("url".into(), format!("not an amqp:// or amqps:// URL ({e})"))),
+            Err(e) => out.push((
+                "url".into(),
+                format!("not an amqp:// or amqps:// URL ({e})"),
+            )),
             Ok(_) if !(self.url.starts_with("amqp://") || self.url.starts_with("amqps://")) => {
                 out.push(("url".into(), "must start with amqp:// or amqps://".into()))
             }
@@ -63,9 +66,16 @@ impl AmqpConfig {
         if let Some(path) = &self.password_file
             && let Err(e) = std::fs::read_to_string(path)
         {
-            out.push(("password_file".into(), format!("cannot read {}: {e}", path.display())));
+            out.push((
+                "password_file".into(),
+                format!("cannot read {}: {e}", path.display()),
+            ));
         }
-        if self.exchange.is_empty() && self.declare && self.queue.is_none() && self.routing_key.is_none() {
+        if self.exchange.is_empty()
+            && self.declare
+            && self.queue.is_none()
+            && self.routing_key.is_none()
+        {
             // Fine: the resource id is the queue name.
         }
         out
@@ -77,10 +87,11 @@ impl AmqpConfig {
         if let Some(path) = &self.password_file {
             uri.authority.userinfo.password = std::fs::read_to_string(path)?.trim().to_string();
         }
-        let queue = self
-            .queue
-            .clone()
-            .or_else(|| self.exchange.is_empty().then(|| self.routing_key.clone().unwrap_or(id.to_string())));
+        let queue = self.queue.clone().or_else(|| {
+            self.exchange
+                .is_empty()
+                .then(|| self.routing_key.clone().unwrap_or(id.to_string()))
+        });
         Ok(AmqpDestination {
             client: client::Client::new(client::Settings {
                 uri,
@@ -113,8 +124,16 @@ mod tests {
 
     #[test]
     fn url_is_checked() {
-        assert!(cfg("amqp://guest:guest@127.0.0.1:5672/%2f").validate().is_empty());
-        assert!(cfg("amqps://u:p@broker.example.com/vh").validate().is_empty());
+        assert!(
+            cfg("amqp://guest:guest@127.0.0.1:5672/%2f")
+                .validate()
+                .is_empty()
+        );
+        assert!(
+            cfg("amqps://u:p@broker.example.com/vh")
+                .validate()
+                .is_empty()
+        );
         assert_eq!(cfg("http://x").validate()[0].0, "url");
         let mut c = cfg("amqp://127.0.0.1");
         c.password_file = Some("/nonexistent/pw".into());

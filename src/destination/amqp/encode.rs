@@ -7,7 +7,11 @@ use super::ChannelIdAs;
 use crate::destination::OutgoingRecord;
 
 /// The routing key for a record.
-pub fn routing_key(fixed: Option<&str>, channel_id_as: ChannelIdAs, record: &OutgoingRecord) -> String {
+pub fn routing_key(
+    fixed: Option<&str>,
+    channel_id_as: ChannelIdAs,
+    record: &OutgoingRecord,
+) -> String {
     if let Some(key) = fixed {
         return key.to_string();
     }
@@ -29,7 +33,10 @@ pub fn properties(channel_id_as: ChannelIdAs, record: &OutgoingRecord) -> BasicP
         AMQPValue::LongString(record.destination_type.as_str().into()),
     );
     if let (ChannelIdAs::Header, Some(channel)) = (channel_id_as, &record.channel_id) {
-        headers.insert(ShortString::from("channel-id"), AMQPValue::LongString(channel.as_str().into()));
+        headers.insert(
+            ShortString::from("channel-id"),
+            AMQPValue::LongString(channel.as_str().into()),
+        );
     }
     BasicProperties::default()
         .with_message_id(record.id.as_str().into())
@@ -63,7 +70,10 @@ mod tests {
         assert_eq!(routing_key(None, RoutingKey, &record(Some("ch"))), "ch");
         assert_eq!(routing_key(None, RoutingKey, &record(None)), "failures");
         assert_eq!(routing_key(None, Header, &record(Some("ch"))), "failures");
-        assert_eq!(routing_key(Some("fixed"), RoutingKey, &record(Some("ch"))), "fixed");
+        assert_eq!(
+            routing_key(Some("fixed"), RoutingKey, &record(Some("ch"))),
+            "fixed"
+        );
     }
 
     #[test]

@@ -28,7 +28,9 @@ pub enum AmqpError {
     #[error("AMQP publish failed")]
     Publish(#[source] lapin::Error),
     /// The broker returned the message: no queue is bound for it.
-    #[error("message unroutable: no queue bound to exchange `{exchange}` with routing key `{routing_key}`")]
+    #[error(
+        "message unroutable: no queue bound to exchange `{exchange}` with routing key `{routing_key}`"
+    )]
     Unroutable {
         /// Exchange published to.
         exchange: String,
@@ -83,9 +85,8 @@ impl From<AmqpError> for DeliveryError {
                 };
                 d.with_source(e)
             }
-            AmqpError::Paused(after) => {
-                DeliveryError::retry(ErrorLabel::ConnectionFailed, message).with_retry_after(Some(*after))
-            }
+            AmqpError::Paused(after) => DeliveryError::retry(ErrorLabel::ConnectionFailed, message)
+                .with_retry_after(Some(*after)),
             AmqpError::Publish(inner) => {
                 let (label, retry) = classify(inner);
                 let d = if retry {

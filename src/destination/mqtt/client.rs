@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Outgoing, Packet, QoS, Transport};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, Event, MqttOptions, Outgoing, Packet, QoS, Transport,
+};
 use tokio::sync::{Mutex, oneshot};
 
 use super::{MqttError, encode};
@@ -80,8 +82,14 @@ impl Client {
         let (client, mut events) = AsyncClient::new(self.options(), 256);
         loop {
             match events.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(ack))) if ack.code == ConnectReturnCode::Success => break,
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => return Err(MqttError::Refused(format!("{:?}", ack.code))),
+                Ok(Event::Incoming(Packet::ConnAck(ack)))
+                    if ack.code == ConnectReturnCode::Success =>
+                {
+                    break;
+                }
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    return Err(MqttError::Refused(format!("{:?}", ack.code)));
+                }
                 Ok(_) => {}
                 Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
                     return Err(MqttError::Refused(format!("{code:?}")));

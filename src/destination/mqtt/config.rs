@@ -78,9 +78,18 @@ impl MqttConfig {
         }
         let probe = self.topic.replace("{functionId}", "f");
         if probe.is_empty() || probe.contains(['+', '#']) {
-            out.push(("topic".into(), format!("`{}` is not a topic to publish on (no wildcards)", self.topic)));
+            out.push((
+                "topic".into(),
+                format!(
+                    "`{}` is not a topic to publish on (no wildcards)",
+                    self.topic
+                ),
+            ));
         }
-        for (key, path) in [("password_file", &self.password_file), ("tls_ca_file", &self.tls_ca_file)] {
+        for (key, path) in [
+            ("password_file", &self.password_file),
+            ("tls_ca_file", &self.tls_ca_file),
+        ] {
             if let Some(path) = path
                 && let Err(e) = std::fs::read(path)
             {
@@ -145,10 +154,18 @@ mod tests {
 
     #[test]
     fn validation() {
-        assert!(cfg("mqtt://127.0.0.1:1883", "fn/{functionId}/results").validate().is_empty());
+        assert!(
+            cfg("mqtt://127.0.0.1:1883", "fn/{functionId}/results")
+                .validate()
+                .is_empty()
+        );
         assert_eq!(
             cfg("mqtt://h", "t").endpoint().unwrap(),
-            Endpoint { host: "h".into(), port: 1883, tls: false }
+            Endpoint {
+                host: "h".into(),
+                port: 1883,
+                tls: false
+            }
         );
         assert_eq!(cfg("mqtts://h", "t").validate()[0].0, "tls_ca_file");
         assert_eq!(cfg("http://h", "t").validate()[0].0, "url");

@@ -30,7 +30,10 @@ mod tests {
             body: bytes::Bytes::new(),
             attempt: 1,
         };
-        assert_eq!(topic("fn/{functionId}/done", &record), "fn/ocid1.fn_a_b_/done");
+        assert_eq!(
+            topic("fn/{functionId}/done", &record),
+            "fn/ocid1.fn_a_b_/done"
+        );
         assert_eq!(topic("fixed", &record), "fixed");
     }
 }

@@ -48,14 +48,17 @@ impl From<MqttError> for DeliveryError {
             MqttError::Connection(_) | MqttError::ClientStopped => {
                 DeliveryError::retry(ErrorLabel::ConnectionFailed, message)
             }
-            MqttError::Refused(reason) if reason.contains("NotAuthorized") || reason.contains("BadUserNamePassword") => {
+            MqttError::Refused(reason)
+                if reason.contains("NotAuthorized") || reason.contains("BadUserNamePassword") =>
+            {
                 DeliveryError::permanent(ErrorLabel::Unauthorized, message)
             }
             MqttError::Refused(_) => DeliveryError::retry(ErrorLabel::ConnectionFailed, message),
-            MqttError::Paused(after) => {
-                DeliveryError::retry(ErrorLabel::ConnectionFailed, message).with_retry_after(Some(*after))
+            MqttError::Paused(after) => DeliveryError::retry(ErrorLabel::ConnectionFailed, message)
+                .with_retry_after(Some(*after)),
+            MqttError::TooLarge { .. } => {
+                DeliveryError::permanent(ErrorLabel::PayloadTooLarge, message)
             }
-            MqttError::TooLarge { .. } => DeliveryError::permanent(ErrorLabel::PayloadTooLarge, message),
         }
     }
 }

@@ -51,10 +51,11 @@ impl From<NatsError> for DeliveryError {
             NatsError::Connect(_) | NatsError::Publish(_) | NatsError::Flush(_) => {
                 DeliveryError::retry(ErrorLabel::ConnectionFailed, message).with_source(e)
             }
-            NatsError::Paused(after) => {
-                DeliveryError::retry(ErrorLabel::ConnectionFailed, message).with_retry_after(Some(*after))
+            NatsError::Paused(after) => DeliveryError::retry(ErrorLabel::ConnectionFailed, message)
+                .with_retry_after(Some(*after)),
+            NatsError::TooLarge { .. } => {
+                DeliveryError::permanent(ErrorLabel::PayloadTooLarge, message)
             }
-            NatsError::TooLarge { .. } => DeliveryError::permanent(ErrorLabel::PayloadTooLarge, message),
             NatsError::FlushTimeout => DeliveryError::retry(ErrorLabel::Timeout, message),
         }
     }

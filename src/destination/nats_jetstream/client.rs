@@ -66,12 +66,17 @@ impl Client {
             .map_err(|e| err(format!("cannot create it: {e}")))?;
             return Ok(());
         }
-        let mut s = js
-            .get_stream(name)
-            .await
-            .map_err(|e| err(format!("does not exist or cannot be read ({e}); set create_stream = true to create it")))?;
+        let mut s = js.get_stream(name).await.map_err(|e| {
+            err(format!(
+                "does not exist or cannot be read ({e}); set create_stream = true to create it"
+            ))
+        })?;
         let info = s.info().await.map_err(|e| err(e.to_string()))?;
-        let captures = info.config.subjects.iter().any(|pattern| subject_matches(pattern, &self.config.subject));
+        let captures = info
+            .config
+            .subjects
+            .iter()
+            .any(|pattern| subject_matches(pattern, &self.config.subject));
         if !captures {
             return Err(err(format!(
                 "does not capture subject `{}` (its subjects: {:?})",

@@ -31,13 +31,21 @@ impl NatsConnection {
         let mut out = Vec::new();
         for url in self.url.split(',') {
             let url = url.trim();
-            let ok = ["nats://", "tls://", "ws://", "wss://"].iter().any(|p| url.starts_with(p))
+            let ok = ["nats://", "tls://", "ws://", "wss://"]
+                .iter()
+                .any(|p| url.starts_with(p))
                 && url::Url::parse(url).is_ok_and(|u| u.host().is_some());
             if !ok {
-                out.push(("url".into(), format!("`{url}` is not a nats:// or tls:// URL")));
+                out.push((
+                    "url".into(),
+                    format!("`{url}` is not a nats:// or tls:// URL"),
+                ));
             }
         }
-        for (key, path) in [("credentials_file", &self.credentials_file), ("tls_ca_file", &self.tls_ca_file)] {
+        for (key, path) in [
+            ("credentials_file", &self.credentials_file),
+            ("tls_ca_file", &self.tls_ca_file),
+        ] {
             if let Some(path) = path
                 && let Err(e) = std::fs::metadata(path)
             {
@@ -53,10 +61,9 @@ impl NatsConnection {
             .connection_timeout(Duration::from_secs(5))
             .name("fnrelay");
         if let Some(path) = &self.credentials_file {
-            options = options
-                .credentials_file(path)
-                .await
-                .map_err(|e| async_nats::ConnectError::with_source(async_nats::ConnectErrorKind::Io, e))?;
+            options = options.credentials_file(path).await.map_err(|e| {
+                async_nats::ConnectError::with_source(async_nats::ConnectErrorKind::Io, e)
+            })?;
         }
         if let Some(path) = &self.tls_ca_file {
             options = options.add_root_certificates(path.clone());
@@ -95,10 +102,14 @@ fn default_ack_timeout() -> Duration {
 /// Checks a subject for publishing: non-empty tokens, no wildcards or spaces.
 pub fn check_subject(subject: &str) -> Option<String> {
     if subject.is_empty()
-        || subject.split('.').any(|t| t.is_empty() || t == "*" || t == ">")
+        || subject
+            .split('.')
+            .any(|t| t.is_empty() || t == "*" || t == ">")
         || subject.chars().any(char::is_whitespace)
     {
-        Some(format!("`{subject}` is not a valid subject to publish on (no wildcards, no empty tokens)"))
+        Some(format!(
+            "`{subject}` is not a valid subject to publish on (no wildcards, no empty tokens)"
+        ))
     } else {
         None
     }
@@ -112,7 +123,10 @@ impl NatsJetStreamConfig {
             out.push(("subject".into(), reason));
         }
         if self.create_stream && self.stream.is_none() {
-            out.push(("create_stream".into(), "needs `stream` (the name to create)".into()));
+            out.push((
+                "create_stream".into(),
+                "needs `stream` (the name to create)".into(),
+            ));
         }
         out
     }
@@ -142,7 +156,10 @@ mod tests {
             tls_required: false,
         };
         assert!(c.validate().is_empty());
-        let bad = NatsConnection { url: "http://x".into(), ..c };
+        let bad = NatsConnection {
+            url: "http://x".into(),
+            ..c
+        };
         assert_eq!(bad.validate()[0].0, "url");
     }
 }

@@ -46,29 +46,44 @@ impl From<JetStreamError> for DeliveryError {
     fn from(e: JetStreamError) -> Self {
         let message = e.to_string();
         match &e {
-            JetStreamError::Connect(_) => DeliveryError::retry(ErrorLabel::ConnectionFailed, message).with_source(e),
+            JetStreamError::Connect(_) => {
+                DeliveryError::retry(ErrorLabel::ConnectionFailed, message).with_source(e)
+            }
             JetStreamError::Paused(after) => {
-                DeliveryError::retry(ErrorLabel::ConnectionFailed, message).with_retry_after(Some(*after))
+                DeliveryError::retry(ErrorLabel::ConnectionFailed, message)
+                    .with_retry_after(Some(*after))
             }
             JetStreamError::Publish(p) => {
                 let d = match p.kind() {
                     // No stream listens on the subject.
-                    PublishErrorKind::StreamNotFound => DeliveryError::permanent(ErrorLabel::NotFound, message),
+                    PublishErrorKind::StreamNotFound => {
+                        DeliveryError::permanent(ErrorLabel::NotFound, message)
+                    }
                     PublishErrorKind::MaxPayloadExceeded => {
                         DeliveryError::permanent(ErrorLabel::PayloadTooLarge, message)
                     }
-                    PublishErrorKind::TimedOut => DeliveryError::retry(ErrorLabel::Timeout, message),
-                    PublishErrorKind::BrokenPipe => DeliveryError::retry(ErrorLabel::ConnectionFailed, message),
-                    PublishErrorKind::MaxAckPending => DeliveryError::retry(ErrorLabel::Throttled, message),
+                    PublishErrorKind::TimedOut => {
+                        DeliveryError::retry(ErrorLabel::Timeout, message)
+                    }
+                    PublishErrorKind::BrokenPipe => {
+                        DeliveryError::retry(ErrorLabel::ConnectionFailed, message)
+                    }
+                    PublishErrorKind::MaxAckPending => {
+                        DeliveryError::retry(ErrorLabel::Throttled, message)
+                    }
                     // Expected-last-id/sequence checks are not used by fnrelay.
                     PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence => {
                         DeliveryError::permanent(ErrorLabel::Rejected, message)
                     }
-                    PublishErrorKind::Other => DeliveryError::retry(ErrorLabel::ServerError, message),
+                    PublishErrorKind::Other => {
+                        DeliveryError::retry(ErrorLabel::ServerError, message)
+                    }
                 };
                 d.with_source(e)
             }
-            JetStreamError::Stream { .. } => DeliveryError::permanent(ErrorLabel::NotFound, message),
+            JetStreamError::Stream { .. } => {
+                DeliveryError::permanent(ErrorLabel::NotFound, message)
+            }
         }
     }
 }

@@ -38,7 +38,10 @@ impl Client {
     pub async fn xadd(&self, record: &OutgoingRecord) -> Result<(), RedisStreamsError> {
         let mut conn = self.connection().await?;
         let cmd = encode::xadd(&self.config.stream_key, self.config.maxlen, record);
-        let _entry: String = cmd.query_async(&mut conn).await.map_err(RedisStreamsError::Command)?;
+        let _entry: String = cmd
+            .query_async(&mut conn)
+            .await
+            .map_err(RedisStreamsError::Command)?;
         Ok(())
     }
 

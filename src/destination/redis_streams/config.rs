@@ -43,19 +43,26 @@ impl RedisStreamsConfig {
             out.push(("stream_key".into(), "must not be empty".into()));
         }
         if self.maxlen == Some(0) {
-            out.push(("maxlen".into(), "must be greater than 0 (or left out)".into()));
+            out.push((
+                "maxlen".into(),
+                "must be greater than 0 (or left out)".into(),
+            ));
         }
         if let Some(path) = &self.password_file
             && let Err(e) = std::fs::read_to_string(path)
         {
-            out.push(("password_file".into(), format!("cannot read {}: {e}", path.display())));
+            out.push((
+                "password_file".into(),
+                format!("cannot read {}: {e}", path.display()),
+            ));
         }
         out
     }
 
     /// Builds the destination (connects lazily).
     pub fn build(&self) -> Result<RedisStreamsDestination, std::io::Error> {
-        let mut info: redis::ConnectionInfo = self.url.as_str().parse().map_err(std::io::Error::other)?;
+        let mut info: redis::ConnectionInfo =
+            self.url.as_str().parse().map_err(std::io::Error::other)?;
         if let Some(path) = &self.password_file {
             let password = std::fs::read_to_string(path)?.trim().to_string();
             let settings = info.redis_settings().clone().set_password(password);

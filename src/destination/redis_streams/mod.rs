@@ -60,10 +60,13 @@ impl From<RedisStreamsError> for DeliveryError {
     fn from(e: RedisStreamsError) -> Self {
         let message = e.to_string();
         let (label, retry) = match &e {
-            RedisStreamsError::Connect(inner) | RedisStreamsError::Command(inner) => classify(inner),
+            RedisStreamsError::Connect(inner) | RedisStreamsError::Command(inner) => {
+                classify(inner)
+            }
             RedisStreamsError::WrongType { .. } => (ErrorLabel::Rejected, false),
             RedisStreamsError::Paused(after) => {
-                return DeliveryError::retry(ErrorLabel::ConnectionFailed, message).with_retry_after(Some(*after));
+                return DeliveryError::retry(ErrorLabel::ConnectionFailed, message)
+                    .with_retry_after(Some(*after));
             }
         };
         let d = if retry {

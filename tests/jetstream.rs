@@ -1,0 +1,161 @@
+//! The `nats-jetstream` backend against the real NATS server on 127.0.0.1:4222.
+
+mod common;
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use common::proxy::Proxy;
+use common::*;
+
+const SERVER: &str = "127.0.0.1:4222";
+
+fn config(addr: &str, subject: &str, extra: &str) -> String {
+    format!(
+        r#"{BROKER_PRELUDE}
+[streams.results]
+backend = "nats-jetstream"
+url = "nats://{addr}"
+subject = "{subject}"
+{extra}
+[routes.default]
+success = {{ kind = "STREAM", streamId = "results" }}
+failure = {{ kind = "STREAM", streamId = "results" }}
+"#
+    )
+}
+
+async fn js() -> jetstream::Context {
+    jetstream::new(async_nats::connect(SERVER).await.unwrap())
+}
+
+/// Every message of the stream: (Nats-Msg-Id, body, key header).
+async fn read_all(name: &str) -> Vec<(String, serde_json::Value, String)> {
+    let js = js().await;
+    let mut s = js.get_stream(name).await.unwrap();
+    let last = s.info().await.unwrap().state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        let m = s.get_raw_message(seq).await.unwrap();
+        let header = |n: &str| m.headers.get(n).map(|v| v.to_string()).unwrap_or_default();
+        out.push((
+            header("Nats-Msg-Id"),
+            serde_json::from_slice(&m.payload).unwrap(),
+            header("Fnrelay-Key"),
+        ));
+    }
+    out
+}
+
+#[tokio::test]
+async fn records_arrive_with_msg_id_and_key_and_duplicates_are_absorbed() {
+    let name = unique("FNRELAY").replace('-', "_");
+    let subject = format!("fnrelay.{name}");
+    let d = start(&config(
+        SERVER,
+        &subject,
+        &format!("stream = \"{name}\"\ncreate_stream = true"),
+    ))
+    .await;
+    // The start check creates the stream; wait for it before posting.
+    wait_until("stream created", Duration::from_secs(10), || async {
+        js().await.get_stream(&name).await.is_ok()
+    })
+    .await;
+    let (_, answer) = d.post(&event("js-1", 200)).await;
+    let id = answer["records"][0]["id"].as_str().unwrap().to_string();
+    d.wait_metric(
+        &deliveries("Success", "", "Success", "STREAM", "results"),
+        1.0,
+    )
+    .await;
+    let got = read_all(&name).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, id);
+    assert_eq!(got[0].1["id"], id.as_str());
+    assert_eq!(got[0].2, "ocid1.fnfunc.oc1..f");
+
+    // A resend with the same record id (what a retry after a lost PubAck
+    // does) is acknowledged as a duplicate and not stored twice.
+    let ack = js()
+        .await
+        .send_publish(
+            subject.clone(),
+            async_nats::jetstream::message::PublishMessage::build()
+                .payload(serde_json::to_vec(&got[0].1).unwrap().into())
+                .message_id(&id),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(ack.duplicate);
+    assert_eq!(read_all(&name).await.len(), 1);
+    js().await.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_subject_without_a_stream_is_not_found() {
+    let subject = format!("fnrelay.nostream.{}", unique("x").replace('-', "_"));
+    let d = start(&config(SERVER, &subject, "")).await;
+    d.post(&event("js-missing", 500)).await;
+    d.wait_metric(
+        &deliveries("Error", "not_found", "Failure", "STREAM", "results"),
+        1.0,
+    )
+    .await;
+}
+
+#[test]
+fn check_config_fails_when_the_stream_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = unique("MISSING").replace('-', "_");
+    let path = dir.path().join("c.toml");
+    let text = config(SERVER, "fnrelay.missing", &format!("stream = \"{name}\""));
+    std::fs::write(&path, text.replace("{dir}", dir.path().to_str().unwrap())).unwrap();
+    let out = std::process::Command::new(binary())
+        .args(["check-config", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("streams.results: stream `{name}`: does not exist")),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_connection_mid_run_loses_nothing() {
+    let name = unique("FNRELAY_CUT").replace('-', "_");
+    let subject = format!("fnrelay.{name}");
+    js().await
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let proxy = Proxy::start(SERVER).await;
+    let d = start(&config(
+        &proxy.addr.to_string(),
+        &subject,
+        "ack_timeout = \"2s\"",
+    ))
+    .await;
+    let ids = run_with_outage(&d, &proxy, "js-cut", "STREAM", "results", "Failure").await;
+    let got: Vec<_> = read_all(&name)
+        .await
+        .into_iter()
+        .map(|(id, body, _)| (id, body))
+        .collect();
+    let dups = assert_all_arrived(&ids, &got);
+    eprintln!(
+        "jetstream outage run: {} records, {} messages, {dups} duplicates",
+        ids.len(),
+        got.len()
+    );
+    assert_eq!(dups, 0, "Nats-Msg-Id dedup absorbs resends");
+    js().await.delete_stream(&name).await.unwrap();
+}
