@@ -104,15 +104,7 @@ async fn an_unroutable_record_is_dead_lettered_as_not_found() {
         1.0,
     )
     .await;
-    let list: serde_json::Value = d
-        .http
-        .get(format!("{}/v1/dead-letters", d.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = d.dead_letters().await;
     let last = list["deadLetters"][0]["lastError"].as_str().unwrap();
     assert!(
         last.contains("unroutable") && last.contains(&missing),

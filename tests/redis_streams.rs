@@ -102,15 +102,7 @@ async fn a_key_of_another_type_is_rejected() {
         1.0,
     )
     .await;
-    let list: serde_json::Value = d
-        .http
-        .get(format!("{}/v1/dead-letters", d.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = d.dead_letters().await;
     assert!(
         list["deadLetters"][0]["lastError"]
             .as_str()

@@ -125,15 +125,7 @@ async fn a_400_dead_letters_after_one_attempt_and_can_be_replayed() {
     assert_eq!(metric(&text, &attempts("permanent", "rejected")), 1.0);
     assert_eq!(metric(&text, "fnrelay_dead_letters"), 1.0);
 
-    let list: serde_json::Value = d
-        .http
-        .get(format!("{}/v1/dead-letters", d.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = d.dead_letters().await;
     let dead = &list["deadLetters"][0];
     assert_eq!(dead["id"], id.as_str());
     assert_eq!(dead["errorMessage"], "rejected");

@@ -80,6 +80,18 @@ impl Daemon {
         (status, r.json().await.unwrap_or(serde_json::Value::Null))
     }
 
+    /// GET /v1/dead-letters.
+    pub async fn dead_letters(&self) -> serde_json::Value {
+        self.http
+            .get(format!("{}/v1/dead-letters", self.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// The /metrics text.
     pub async fn metrics(&self) -> String {
         self.http

@@ -43,18 +43,23 @@ impl Client {
         }
     }
 
-    async fn connect(&self) -> Result<Conn, lapin::Error> {
+    async fn connect(&self) -> Result<Conn, AmqpError> {
         let connection =
             Connection::connect_uri(self.settings.uri.clone(), ConnectionProperties::default())
-                .await?;
-        let channel = connection.create_channel().await?;
+                .await
+                .map_err(AmqpError::Connect)?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(AmqpError::Connect)?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+            .await
+            .map_err(AmqpError::Connect)?;
         if self.settings.declare {
             // Declared on every (re)connect, before the first publish, so a
             // broker that lost its definitions gets them back.
-            self.declare(&channel).await?;
+            self.declare(&channel, false).await?;
         }
         Ok(Conn {
             _connection: std::sync::Arc::new(connection),
@@ -116,34 +121,37 @@ impl Client {
     }
 
     /// Declares the exchange (durable, direct), the queue (durable) and the
-    /// binding, as configured.
-    async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+    /// binding, as configured; with `passive`, only checks that the
+    /// exchange and queue exist.
+    async fn declare(&self, channel: &Channel, passive: bool) -> Result<(), AmqpError> {
         let s = &self.settings;
         if !s.exchange.is_empty() {
+            let options = ExchangeDeclareOptions {
+                passive,
+                durable: true,
+                ..Default::default()
+            };
             channel
                 .exchange_declare(
                     s.exchange.as_str().into(),
                     ExchangeKind::Direct,
-                    ExchangeDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
+                    options,
                     FieldTable::default(),
                 )
-                .await?;
+                .await
+                .map_err(missing("exchange", s.exchange.clone()))?;
         }
         if let Some(queue) = &s.queue {
+            let options = QueueDeclareOptions {
+                passive,
+                durable: true,
+                ..Default::default()
+            };
             channel
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            if !s.exchange.is_empty() {
+                .queue_declare(queue.as_str().into(), options, FieldTable::default())
+                .await
+                .map_err(missing("queue", queue.clone()))?;
+            if !passive && !s.exchange.is_empty() {
                 let key = s
                     .routing_key
                     .clone()
@@ -156,7 +164,8 @@ impl Client {
                         QueueBindOptions::default(),
                         FieldTable::default(),
                     )
-                    .await?;
+                    .await
+                    .map_err(AmqpError::Publish)?;
             }
         }
         Ok(())
@@ -164,50 +173,18 @@ impl Client {
 
     /// Declares (with `declare`) or passively checks the queue and exchange.
     pub async fn check(&self) -> Result<(), AmqpError> {
-        let s = &self.settings;
-        // A separate channel: a failed passive declare closes its channel.
-        let connection = Connection::connect_uri(s.uri.clone(), ConnectionProperties::default())
-            .await
-            .map_err(AmqpError::Connect)?;
+        // A separate connection: a failed passive declare closes its channel.
+        let connection =
+            Connection::connect_uri(self.settings.uri.clone(), ConnectionProperties::default())
+                .await
+                .map_err(AmqpError::Connect)?;
         let channel = connection
             .create_channel()
             .await
             .map_err(AmqpError::Connect)?;
-        if s.declare {
-            self.declare(&channel).await.map_err(AmqpError::Publish)?;
-        } else {
-            if !s.exchange.is_empty() {
-                channel
-                    .exchange_declare(
-                        s.exchange.as_str().into(),
-                        ExchangeKind::Direct,
-                        ExchangeDeclareOptions {
-                            passive: true,
-                            durable: true,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(missing("exchange", s.exchange.clone()))?;
-            }
-            if let Some(queue) = &s.queue {
-                channel
-                    .queue_declare(
-                        queue.as_str().into(),
-                        QueueDeclareOptions {
-                            passive: true,
-                            durable: true,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(missing("queue", queue.clone()))?;
-            }
-        }
+        let result = self.declare(&channel, !self.settings.declare).await;
         let _ = connection.close(200, "check done".into()).await;
-        Ok(())
+        result
     }
 }
 
@@ -222,9 +199,9 @@ fn missing(what: &'static str, name: String) -> impl FnOnce(lapin::Error) -> Amq
     }
 }
 
-fn failure(e: ConnectFailure<lapin::Error>) -> AmqpError {
+fn failure(e: ConnectFailure<AmqpError>) -> AmqpError {
     match e {
         ConnectFailure::Paused(d) => AmqpError::Paused(d),
-        ConnectFailure::Failed(e) => AmqpError::Connect(e),
+        ConnectFailure::Failed(e) => e,
     }
 }
