@@ -1,16 +1,40 @@
-//! The NATS connection, publish and flush.
+//! The NATS connection, the publish, and its confirmation.
+//!
+//! Core NATS has no ack, and `flush` only means "written to the socket".
+//! To know the server has processed a record, each publish is followed by
+//! a marker published to an inbox this connection subscribes to: the server
+//! handles one connection's messages in order, so the marker coming back
+//! proves the record before it was processed (and passed to every
+//! subscriber connected at that moment). No marker within the timeout: the
+//! record is retried (a duplicate with the same id, never a loss).
 
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::{Mutex, oneshot};
 
 use super::{NatsConfig, NatsError, encode};
 use crate::destination::OutgoingRecord;
 use crate::destination::reconnect::{ConnectFailure, Reconnect};
 
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>;
+
+#[derive(Clone)]
+struct Conn {
+    client: async_nats::Client,
+    inbox: async_nats::Subject,
+    waiters: Waiters,
+    next: Arc<AtomicU64>,
+}
 
 pub struct Client {
     config: NatsConfig,
-    conn: Reconnect<async_nats::Client>,
+    conn: Reconnect<Conn>,
 }
 
 impl Client {
@@ -21,29 +45,87 @@ impl Client {
         }
     }
 
-    pub async fn publish(&self, record: &OutgoingRecord) -> Result<(), NatsError> {
+    async fn connect(&self) -> Result<Conn, NatsError> {
         let client = self
+            .config
+            .connection
+            .connect()
+            .await
+            .map_err(NatsError::Connect)?;
+        let inbox = async_nats::Subject::from(client.new_inbox());
+        let mut markers = client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| NatsError::Subscribe(e.to_string()))?;
+        let waiters: Waiters = Arc::default();
+        let sink = waiters.clone();
+        // Lives as long as the client (async-nats resubscribes after reconnects).
+        tokio::spawn(async move {
+            while let Some(m) = markers.next().await {
+                let token = std::str::from_utf8(&m.payload)
+                    .ok()
+                    .and_then(|t| t.parse::<u64>().ok());
+                if let Some(t) = token
+                    && let Some(w) = sink.lock().await.remove(&t)
+                {
+                    let _ = w.send(());
+                }
+            }
+        });
+        Ok(Conn {
+            client,
+            inbox,
+            waiters,
+            next: Arc::default(),
+        })
+    }
+
+    pub async fn publish(&self, record: &OutgoingRecord) -> Result<(), NatsError> {
+        let conn = self
             .conn
-            .get(|| self.config.connection.connect())
+            .get(|| self.connect())
             .await
             .map_err(|e| match e {
                 ConnectFailure::Paused(d) => NatsError::Paused(d),
-                ConnectFailure::Failed(e) => NatsError::Connect(e),
+                ConnectFailure::Failed(e) => e,
             })?;
-        let headers = encode::headers(record);
+        let client = &conn.client;
         let max = client.server_info().max_payload;
         let size = record.body.len() + 128;
         if max > 0 && size > max {
             return Err(NatsError::TooLarge { size, max });
         }
-        client
-            .publish_with_headers(self.config.subject.clone(), headers, record.body.clone())
-            .await
-            .map_err(NatsError::Publish)?;
-        match tokio::time::timeout(FLUSH_TIMEOUT, client.flush()).await {
+        let token = conn.next.fetch_add(1, Ordering::Relaxed);
+        let (done, confirmed) = oneshot::channel();
+        conn.waiters.lock().await.insert(token, done);
+        let sent = async {
+            client
+                .publish_with_headers(
+                    self.config.subject.clone(),
+                    encode::headers(record),
+                    record.body.clone(),
+                )
+                .await?;
+            client
+                .publish(conn.inbox.clone(), token.to_string().into())
+                .await?;
+            Ok::<(), async_nats::PublishError>(())
+        }
+        .await;
+        if let Err(e) = sent {
+            conn.waiters.lock().await.remove(&token);
+            return Err(NatsError::Publish(e));
+        }
+        if let Err(e) = client.flush().await {
+            conn.waiters.lock().await.remove(&token);
+            return Err(NatsError::Flush(e));
+        }
+        match tokio::time::timeout(CONFIRM_TIMEOUT, confirmed).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(NatsError::Flush(e)),
-            Err(_) => Err(NatsError::FlushTimeout),
+            _ => {
+                conn.waiters.lock().await.remove(&token);
+                Err(NatsError::NotConfirmed)
+            }
         }
     }
 }

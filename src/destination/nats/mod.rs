@@ -1,6 +1,7 @@
-//! `nats` backend (NOTIFICATION kind): core NATS publish followed by a
-//! flush. Core NATS has no acknowledgement: a successful flush means the
-//! server received the message, not that any subscriber did. Delivery to
+//! `nats` backend (NOTIFICATION kind): core NATS publish, confirmed by a
+//! marker echoed through this connection's own inbox (see `client.rs`):
+//! the server has processed the record and passed it to the subscribers
+//! connected at that moment. Delivery to
 //! subscribers is at most once (a subscriber that is disconnected misses
 //! it). Use `nats-jetstream` when records must not be missed. The record id
 //! travels in `Nats-Msg-Id` so subscribers can deduplicate retries.
@@ -39,15 +40,20 @@ pub enum NatsError {
     /// The flush did not complete (connection down).
     #[error("NATS flush failed")]
     Flush(#[source] async_nats::client::FlushError),
-    /// The flush did not complete in time.
-    #[error("NATS flush timed out")]
-    FlushTimeout,
+    /// The confirmation marker did not come back in time: the server may
+    /// not have the record (connection lost).
+    #[error("NATS server did not confirm the publish in time")]
+    NotConfirmed,
+    /// Subscribing to the confirmation inbox failed.
+    #[error("cannot subscribe to the confirmation inbox: {0}")]
+    Subscribe(String),
 }
 
 impl From<NatsError> for DeliveryError {
     fn from(e: NatsError) -> Self {
         let message = e.to_string();
         match &e {
+            NatsError::Subscribe(_) => DeliveryError::retry(ErrorLabel::ConnectionFailed, message),
             NatsError::Connect(_) | NatsError::Publish(_) | NatsError::Flush(_) => {
                 DeliveryError::retry(ErrorLabel::ConnectionFailed, message).with_source(e)
             }
@@ -56,7 +62,7 @@ impl From<NatsError> for DeliveryError {
             NatsError::TooLarge { .. } => {
                 DeliveryError::permanent(ErrorLabel::PayloadTooLarge, message)
             }
-            NatsError::FlushTimeout => DeliveryError::retry(ErrorLabel::Timeout, message),
+            NatsError::NotConfirmed => DeliveryError::retry(ErrorLabel::Timeout, message),
         }
     }
 }
