@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::destination::{
     amqp::AmqpConfig, file::FileConfig, mqtt::MqttConfig, nats::NatsConfig,
-    nats_jetstream::NatsJetStreamConfig, redis_streams::RedisStreamsConfig, webhook::WebhookConfig,
+    nats_jetstream::NatsJetStreamConfig, oci::OciConfig, redis_streams::RedisStreamsConfig,
+    webhook::WebhookConfig,
 };
 use crate::record::DestKind;
 
@@ -217,6 +218,15 @@ pub enum ResourceConfig {
     /// Core NATS publish (at most once at subscribers).
     #[serde(rename = "nats")]
     Nats(NatsConfig),
+    /// OCI Queue PutMessages.
+    #[serde(rename = "oci-queue")]
+    OciQueue(OciConfig),
+    /// OCI Streaming PutMessages.
+    #[serde(rename = "oci-streaming")]
+    OciStreaming(OciConfig),
+    /// OCI Notifications PublishMessage.
+    #[serde(rename = "oci-notifications")]
+    OciNotifications(OciConfig),
 }
 
 impl ResourceConfig {
@@ -230,6 +240,9 @@ impl ResourceConfig {
             ResourceConfig::RedisStreams(_) => "redis-streams",
             ResourceConfig::Mqtt(_) => "mqtt",
             ResourceConfig::Nats(_) => "nats",
+            ResourceConfig::OciQueue(_) => "oci-queue",
+            ResourceConfig::OciStreaming(_) => "oci-streaming",
+            ResourceConfig::OciNotifications(_) => "oci-notifications",
         }
     }
 
@@ -237,13 +250,14 @@ impl ResourceConfig {
     fn serves(&self, kind: DestKind) -> bool {
         match self {
             ResourceConfig::File(_) => true,
-            ResourceConfig::Amqp(_) => kind == DestKind::Queue,
-            ResourceConfig::NatsJetStream(_) | ResourceConfig::RedisStreams(_) => {
-                kind == DestKind::Stream
-            }
-            ResourceConfig::Webhook(_) | ResourceConfig::Mqtt(_) | ResourceConfig::Nats(_) => {
-                kind == DestKind::Notification
-            }
+            ResourceConfig::Amqp(_) | ResourceConfig::OciQueue(_) => kind == DestKind::Queue,
+            ResourceConfig::NatsJetStream(_)
+            | ResourceConfig::RedisStreams(_)
+            | ResourceConfig::OciStreaming(_) => kind == DestKind::Stream,
+            ResourceConfig::Webhook(_)
+            | ResourceConfig::Mqtt(_)
+            | ResourceConfig::Nats(_)
+            | ResourceConfig::OciNotifications(_) => kind == DestKind::Notification,
         }
     }
 }
@@ -525,6 +539,9 @@ impl Config {
                     ResourceConfig::RedisStreams(c) => c.validate(),
                     ResourceConfig::Mqtt(c) => c.validate(),
                     ResourceConfig::Nats(c) => c.validate(),
+                    ResourceConfig::OciQueue(c)
+                    | ResourceConfig::OciStreaming(c)
+                    | ResourceConfig::OciNotifications(c) => c.validate(),
                 };
                 for (key, reason) in found {
                     bad(&format!("{prefix}.{key}"), reason);

@@ -119,6 +119,17 @@ impl DeliveryError {
         self
     }
 
+    /// A copy for each record of a request that failed as a whole (the
+    /// cause is kept as text).
+    pub fn replicate(&self) -> Self {
+        Self {
+            label: self.label,
+            disposition: self.disposition,
+            message: self.full_message(),
+            source: None,
+        }
+    }
+
     /// Whether another attempt may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(self.disposition, Disposition::Retry { .. })

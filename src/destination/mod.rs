@@ -12,6 +12,10 @@ pub mod file;
 pub mod mqtt;
 pub mod nats;
 pub mod nats_jetstream;
+pub mod oci;
+pub mod oci_notifications;
+pub mod oci_queue;
+pub mod oci_streaming;
 pub mod reconnect;
 pub mod redis_streams;
 pub mod webhook;
@@ -109,6 +113,15 @@ impl Registry {
                     ResourceConfig::RedisStreams(c) => boxed(c.build()),
                     ResourceConfig::Mqtt(c) => boxed(c.build(id)),
                     ResourceConfig::Nats(c) => boxed(c.build()),
+                    ResourceConfig::OciQueue(c) => {
+                        boxed(oci_queue::OciQueueDestination::build(c, id))
+                    }
+                    ResourceConfig::OciStreaming(c) => {
+                        boxed(oci_streaming::OciStreamingDestination::build(c, id))
+                    }
+                    ResourceConfig::OciNotifications(c) => {
+                        boxed(oci_notifications::OciNotificationsDestination::build(c, id))
+                    }
                 };
                 let destination = built.map_err(|source| BuildError {
                     table,

@@ -8,6 +8,7 @@ mod client;
 mod config;
 mod encode;
 
+pub use client::parse_retry_after;
 pub use config::WebhookConfig;
 pub use encode::{Secret, sign};
 
