@@ -201,7 +201,7 @@ mod tests {
     use super::*;
     use aws_lc_rs::signature::{
         RSA_PKCS1_1024_8192_SHA256_FOR_LEGACY_USE_ONLY, RSA_PKCS1_2048_8192_SHA256,
-        RsaPublicKeyComponents, UnparsedPublicKey,
+        UnparsedPublicKey,
     };
     use rustls_pki_types::PrivatePkcs1KeyDer;
 
