@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod oci;
 pub mod proxy;
 
 use std::collections::VecDeque;
