@@ -325,15 +325,15 @@ async fn notifications_5xx_then_delivered() {
 }
 
 #[tokio::test]
-async fn keys_from_an_oci_cli_config_profile() {
+async fn an_encrypted_key_from_an_oci_cli_config_profile() {
     let oci = server(0).await;
     let dir = tempfile::tempdir().unwrap();
     let cli = dir.path().join("oci-config");
     std::fs::write(
         &cli,
         format!(
-            "[DEFAULT]\nuser=ocid1.user.oc1..nobody\nfingerprint=00:00\nkey_file=/nonexistent\ntenancy={TENANCY}\nregion=us-phoenix-1\n\n[FNRELAY]\nuser={USER}\nfingerprint={FINGERPRINT}\nkey_file={}\n",
-            key_file()
+            "[DEFAULT]\nuser=ocid1.user.oc1..nobody\nfingerprint=00:00\nkey_file=/nonexistent\ntenancy={TENANCY}\nregion=us-phoenix-1\n\n[FNRELAY]\nuser={USER}\nfingerprint={FINGERPRINT}\nkey_file={}\npass_phrase=fnrelay-test\n",
+            key_file().replace("oci-test-key.pem", "oci-test-key-encrypted.pem")
         ),
     )
     .unwrap();

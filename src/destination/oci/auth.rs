@@ -34,6 +34,10 @@ pub struct OciConfig {
     /// PEM private key of the API key (overrides the file's `key_file`).
     #[serde(default)]
     pub key_file: Option<PathBuf>,
+    /// File holding the key's passphrase, for an encrypted key (overrides
+    /// the profile's `pass_phrase`).
+    #[serde(default)]
+    pub key_passphrase_file: Option<PathBuf>,
     /// Accept an `http://` endpoint (test servers on loopback).
     #[serde(default)]
     pub allow_insecure_endpoint: bool,
@@ -47,7 +51,7 @@ fn default_timeout() -> Duration {
 }
 
 /// The resolved API key parameters.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ApiKey {
     /// Tenancy OCID.
     pub tenancy: String,
@@ -57,6 +61,20 @@ pub struct ApiKey {
     pub fingerprint: String,
     /// PEM private key file.
     pub key_file: PathBuf,
+    /// Passphrase of an encrypted key.
+    pub passphrase: Option<String>,
+}
+
+impl std::fmt::Debug for ApiKey {
+    // Never print the passphrase.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("tenancy", &self.tenancy)
+            .field("user", &self.user)
+            .field("fingerprint", &self.fingerprint)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
 }
 
 fn expand_home(path: &str) -> PathBuf {
@@ -142,13 +160,22 @@ impl OciConfig {
                         .to_string(),
                 )
             })?;
-        if from_file.contains_key("pass_phrase") {
-            return Err((
-                "oci_config_file".into(),
-                "the profile has a pass_phrase: fnrelay reads unencrypted keys only".into(),
-            ));
-        }
+        let passphrase = match &self.key_passphrase_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        (
+                            "key_passphrase_file".to_string(),
+                            format!("cannot read {}: {e}", path.display()),
+                        )
+                    })?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string(),
+            ),
+            None => from_file.get("pass_phrase").cloned(),
+        };
         Ok(ApiKey {
+            passphrase,
             tenancy: pick("tenancy", &self.tenancy)?,
             user: pick("user", &self.user)?,
             fingerprint: pick("fingerprint", &self.fingerprint)?,
@@ -165,12 +192,13 @@ impl OciConfig {
                 format!("cannot read {}: {e}", key.key_file.display()),
             )
         })?;
-        let pair = signer::parse_key(&pem).map_err(|e| {
-            (
-                "key_file".to_string(),
-                format!("{}: {e}", key.key_file.display()),
-            )
-        })?;
+        let pair = signer::parse_key_with(&pem, key.passphrase.as_deref().map(str::as_bytes))
+            .map_err(|e| {
+                (
+                    "key_file".to_string(),
+                    format!("{}: {e}", key.key_file.display()),
+                )
+            })?;
         let actual = signer::fingerprint(&pair);
         if !actual.eq_ignore_ascii_case(&key.fingerprint) {
             return Err((
@@ -234,6 +262,7 @@ mod tests {
             user: Some("u".into()),
             fingerprint: Some("f".into()),
             key_file: None,
+            key_passphrase_file: None,
             allow_insecure_endpoint: false,
             timeout: default_timeout(),
         }

@@ -30,11 +30,19 @@ pub enum KeyError {
     /// Not a PEM private key.
     #[error("not a PEM RSA private key ({0})")]
     Pem(String),
-    /// Encrypted with a passphrase.
+    /// Encrypted, and no passphrase was given.
     #[error(
-        "the key is encrypted; fnrelay reads unencrypted keys only (decrypt it with `openssl rsa -in key.pem -out key-plain.pem` and keep that file readable only by fnrelay)"
+        "the key is encrypted: give its passphrase (key_passphrase_file, or pass_phrase in the OCI CLI profile)"
     )]
-    Encrypted,
+    NeedsPassphrase,
+    /// Encrypted in a format fnrelay cannot decrypt.
+    #[error(
+        "unsupported key encryption ({0}); use the traditional OpenSSL format the OCI CLI writes (Proc-Type: 4,ENCRYPTED with AES-128/256-CBC) or an unencrypted key"
+    )]
+    UnsupportedEncryption(String),
+    /// The passphrase does not decrypt the key.
+    #[error("the passphrase does not decrypt the key")]
+    WrongPassphrase,
     /// Not an RSA key aws-lc accepts.
     #[error("not a usable RSA key: {0}")]
     Rejected(String),
@@ -74,11 +82,24 @@ pub struct Request<'a> {
 /// Headers to send: `(name, value)`, including `authorization`.
 pub type SignedHeaders = Vec<(&'static str, String)>;
 
-/// Parses a PEM private key (PKCS#1 `RSA PRIVATE KEY` or PKCS#8 `PRIVATE KEY`).
+/// Parses an unencrypted PEM private key (PKCS#1 `RSA PRIVATE KEY` or
+/// PKCS#8 `PRIVATE KEY`).
 pub fn parse_key(pem: &[u8]) -> Result<RsaKeyPair, KeyError> {
+    parse_key_with(pem, None)
+}
+
+/// Parses a PEM private key, decrypting it with `passphrase` when it is a
+/// traditional OpenSSL encrypted key (what `oci setup keys --passphrase`
+/// writes: `Proc-Type: 4,ENCRYPTED`, `DEK-Info: AES-256-CBC,<iv>`).
+pub fn parse_key_with(pem: &[u8], passphrase: Option<&[u8]>) -> Result<RsaKeyPair, KeyError> {
     let text = String::from_utf8_lossy(pem);
-    if text.contains("ENCRYPTED") {
-        return Err(KeyError::Encrypted);
+    if text.contains("BEGIN ENCRYPTED PRIVATE KEY") {
+        return Err(KeyError::UnsupportedEncryption("encrypted PKCS#8".into()));
+    }
+    if text.contains("Proc-Type: 4,ENCRYPTED") {
+        let passphrase = passphrase.ok_or(KeyError::NeedsPassphrase)?;
+        let der = decrypt_traditional(&text, passphrase)?;
+        return RsaKeyPair::from_der(&der).map_err(|e| KeyError::Rejected(e.to_string()));
     }
     let der = PrivateKeyDer::from_pem_slice(pem).map_err(|e| KeyError::Pem(e.to_string()))?;
     match der {
@@ -87,6 +108,67 @@ pub fn parse_key(pem: &[u8]) -> Result<RsaKeyPair, KeyError> {
         _ => return Err(KeyError::Rejected("not an RSA key".into())),
     }
     .map_err(|e| KeyError::Rejected(e.to_string()))
+}
+
+/// Decrypts a traditional OpenSSL encrypted PEM body: key from
+/// EVP_BytesToKey(MD5, 1 round) over passphrase and the IV's first 8
+/// bytes, then AES-CBC with PKCS#7 padding.
+fn decrypt_traditional(text: &str, passphrase: &[u8]) -> Result<Vec<u8>, KeyError> {
+    use aws_lc_rs::cipher::{
+        AES_128, AES_256, DecryptionContext, PaddedBlockDecryptingKey, UnboundCipherKey,
+    };
+    use aws_lc_rs::iv::FixedLength;
+
+    let dek = text
+        .lines()
+        .find_map(|l| l.strip_prefix("DEK-Info:"))
+        .ok_or_else(|| KeyError::Pem("encrypted key without DEK-Info".into()))?;
+    let (cipher, iv_hex) = dek
+        .trim()
+        .split_once(',')
+        .ok_or_else(|| KeyError::Pem("bad DEK-Info".into()))?;
+    let (algorithm, key_len) = match cipher {
+        "AES-256-CBC" => (&AES_256, 32),
+        "AES-128-CBC" => (&AES_128, 16),
+        other => return Err(KeyError::UnsupportedEncryption(other.to_string())),
+    };
+    let iv: Vec<u8> = (0..iv_hex.len() / 2)
+        .map(|i| u8::from_str_radix(&iv_hex[2 * i..2 * i + 2], 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| KeyError::Pem("DEK-Info IV is not hex".into()))?;
+    let iv: [u8; 16] = iv
+        .try_into()
+        .map_err(|_| KeyError::Pem("DEK-Info IV is not 16 bytes".into()))?;
+    let mut key = Vec::with_capacity(32);
+    let mut block: Vec<u8> = Vec::new();
+    while key.len() < key_len {
+        let mut md5 = Md5::new();
+        md5.update(&block);
+        md5.update(passphrase);
+        md5.update(&iv[..8]);
+        block = md5.finalize().to_vec();
+        key.extend_from_slice(&block);
+    }
+    key.truncate(key_len);
+    // The base64 body starts after the blank line that ends the headers.
+    let body: String = text
+        .split("\n\n")
+        .nth(1)
+        .or_else(|| text.split("\r\n\r\n").nth(1))
+        .ok_or_else(|| KeyError::Pem("no body after the PEM headers".into()))?
+        .lines()
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    let mut data = STANDARD
+        .decode(body.trim())
+        .map_err(|e| KeyError::Pem(e.to_string()))?;
+    let unbound = UnboundCipherKey::new(algorithm, &key).map_err(|_| KeyError::WrongPassphrase)?;
+    let decrypting =
+        PaddedBlockDecryptingKey::cbc_pkcs7(unbound).map_err(|_| KeyError::WrongPassphrase)?;
+    let plain = decrypting
+        .decrypt(&mut data, DecryptionContext::Iv128(FixedLength::from(iv)))
+        .map_err(|_| KeyError::WrongPassphrase)?;
+    Ok(plain.to_vec())
 }
 
 /// The OCI fingerprint of a key: MD5 of the DER SubjectPublicKeyInfo as
@@ -374,6 +456,24 @@ mod tests {
         );
     }
 
+    /// Made with `openssl rsa -aes256 -traditional -in oci-test-key.pem
+    /// -passout pass:fnrelay-test`, the format the OCI CLI writes.
+    const TEST_KEY_ENCRYPTED: &str = include_str!("../../../tests/data/oci-test-key-encrypted.pem");
+
+    #[test]
+    fn encrypted_key_with_its_passphrase() {
+        let key = parse_key_with(TEST_KEY_ENCRYPTED.as_bytes(), Some(b"fnrelay-test")).unwrap();
+        assert_eq!(fingerprint(&key), TEST_FINGERPRINT);
+        assert!(matches!(
+            parse_key_with(TEST_KEY_ENCRYPTED.as_bytes(), Some(b"wrong")),
+            Err(KeyError::WrongPassphrase) | Err(KeyError::Rejected(_))
+        ));
+        assert!(matches!(
+            parse_key(TEST_KEY_ENCRYPTED.as_bytes()),
+            Err(KeyError::NeedsPassphrase)
+        ));
+    }
+
     #[test]
     fn empty_body_hash_and_bad_keys() {
         assert_eq!(
@@ -382,7 +482,7 @@ mod tests {
         );
         assert!(matches!(
             parse_key(b"-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n"),
-            Err(KeyError::Encrypted)
+            Err(KeyError::NeedsPassphrase)
         ));
         assert!(matches!(parse_key(b"hello"), Err(KeyError::Pem(_))));
         let kat: Kat = serde_json::from_str(KAT).unwrap();
