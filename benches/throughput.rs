@@ -1,9 +1,11 @@
 //! Throughput benchmark: the real daemon in-process on the embedded-default
 //! shape (file destinations), driven over HTTP on loopback.
 //!
-//! `cargo bench --bench throughput` (env BENCH_EVENTS, BENCH_CLIENTS, BENCH_BATCH).
+//! `cargo bench --bench throughput` (env BENCH_EVENTS, BENCH_CLIENTS,
+//! BENCH_BATCH, and BENCH_TARGET = file (default), amqp, nats-jetstream,
+//! redis-streams, mqtt or nats: the broker targets need the local brokers).
 //! Prints: accepted events/s (each 202 is after the journal's fsync) and
-//! end-to-end events/s until every record is fsynced at its destination.
+//! end-to-end events/s until every record is confirmed by its destination.
 
 use std::time::{Duration, Instant};
 
@@ -14,6 +16,84 @@ fn env(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// The resources and routes for a target; `{d}` is the temp dir, `{u}` a unique suffix.
+fn target(name: &str) -> &'static str {
+    match name {
+        "file" => {
+            r#"
+[streams.results]
+backend = "file"
+path = "{d}/results.jsonl"
+[queues.failures]
+backend = "file"
+path = "{d}/failures.jsonl"
+[routes.default]
+success = { kind = "STREAM", streamId = "results" }
+failure = { kind = "QUEUE", queueId = "failures" }
+"#
+        }
+        "amqp" => {
+            r#"
+[queues.q]
+backend = "amqp"
+url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+queue = "fnrelay-bench-{u}"
+declare = true
+[routes.default]
+success = { kind = "QUEUE", queueId = "q", channelId = "fnrelay-bench-{u}" }
+failure = { kind = "QUEUE", queueId = "q", channelId = "fnrelay-bench-{u}" }
+"#
+        }
+        "nats-jetstream" => {
+            r#"
+[streams.s]
+backend = "nats-jetstream"
+url = "nats://127.0.0.1:4222"
+subject = "fnrelay.bench.{u}"
+stream = "FNRELAY_BENCH_{u}"
+create_stream = true
+[routes.default]
+success = { kind = "STREAM", streamId = "s" }
+failure = { kind = "STREAM", streamId = "s" }
+"#
+        }
+        "redis-streams" => {
+            r#"
+[streams.s]
+backend = "redis-streams"
+url = "redis://127.0.0.1:6379"
+stream_key = "fnrelay:bench:{u}"
+[routes.default]
+success = { kind = "STREAM", streamId = "s" }
+failure = { kind = "STREAM", streamId = "s" }
+"#
+        }
+        "mqtt" => {
+            r#"
+[topics.t]
+backend = "mqtt"
+url = "mqtt://127.0.0.1:1883"
+topic = "fnrelay/bench/{u}"
+[routes.default]
+success = { kind = "NOTIFICATION", topicId = "t" }
+failure = { kind = "NOTIFICATION", topicId = "t" }
+"#
+        }
+        "nats" => {
+            r#"
+[topics.t]
+backend = "nats"
+url = "nats://127.0.0.1:4222"
+subject = "fnrelay.bench.core.{u}"
+[routes.default]
+success = { kind = "NOTIFICATION", topicId = "t" }
+failure = { kind = "NOTIFICATION", topicId = "t" }
+"#
+        }
+        other => panic!("unknown BENCH_TARGET {other}"),
+    }
 }
 
 fn main() {
@@ -29,24 +109,14 @@ fn main() {
 
 async fn run(events: usize, clients: usize, batch: usize) {
     let dir = tempfile::tempdir().unwrap();
+    let name = std::env::var("BENCH_TARGET").unwrap_or_else(|_| "file".into());
+    let unique = format!("{}_{batch}", std::process::id());
     let toml = format!(
-        r#"
-[journal]
-path = "{d}/journal.db"
-[delivery]
-workers = 32
-[streams.results]
-backend = "file"
-path = "{d}/results.jsonl"
-[queues.failures]
-backend = "file"
-path = "{d}/failures.jsonl"
-[routes.default]
-success = {{ kind = "STREAM", streamId = "results" }}
-failure = {{ kind = "QUEUE", queueId = "failures" }}
-"#,
-        d = dir.path().display()
-    );
+        "[journal]\npath = \"{{d}}/journal.db\"\n[delivery]\nworkers = 32\n{}",
+        target(&name)
+    )
+    .replace("{d}", &dir.path().display().to_string())
+    .replace("{u}", &unique);
     let config = fnrelay::config::load(fnrelay::config::Source::Text(&toml)).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -119,7 +189,7 @@ failure = {{ kind = "QUEUE", queueId = "failures" }}
     }
     let delivered = start.elapsed();
     println!(
-        "batch={batch:>3} clients={clients} events={total}: accepted {:>8.0} events/s ({:.2}s), delivered end-to-end {:>8.0} events/s ({:.2}s)",
+        "{name}: batch={batch:>3} clients={clients} events={total}: accepted {:>8.0} events/s ({:.2}s), delivered end-to-end {:>8.0} events/s ({:.2}s)",
         total as f64 / accepted.as_secs_f64(),
         accepted.as_secs_f64(),
         total as f64 / delivered.as_secs_f64(),

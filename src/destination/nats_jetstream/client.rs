@@ -23,15 +23,25 @@ impl Client {
         let timeout = self.config.ack_timeout;
         self.conn
             .get(|| async {
-                let client = self.config.connection.connect().await?;
+                let client = self
+                    .config
+                    .connection
+                    .connect()
+                    .await
+                    .map_err(JetStreamError::Connect)?;
                 let mut context = jetstream::new(client);
                 context.set_timeout(timeout);
+                if self.config.create_stream {
+                    // Before the first publish, so records never race the
+                    // start check into a missing stream.
+                    self.create_stream(&context).await?;
+                }
                 Ok(context)
             })
             .await
             .map_err(|e| match e {
                 ConnectFailure::Paused(d) => JetStreamError::Paused(d),
-                ConnectFailure::Failed(e) => JetStreamError::Connect(e),
+                ConnectFailure::Failed(e) => e,
             })
     }
 
@@ -46,6 +56,24 @@ impl Client {
         ack.await.map(|_| ()).map_err(JetStreamError::Publish)
     }
 
+    async fn create_stream(&self, js: &jetstream::Context) -> Result<(), JetStreamError> {
+        let Some(name) = &self.config.stream else {
+            return Ok(());
+        };
+        js.get_or_create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![self.config.subject.clone()],
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| JetStreamError::Stream {
+            stream: name.clone(),
+            reason: format!("cannot create it: {e}"),
+        })
+    }
+
     pub async fn check(&self) -> Result<(), JetStreamError> {
         let Some(name) = &self.config.stream else {
             return Ok(());
@@ -56,15 +84,7 @@ impl Client {
             reason,
         };
         if self.config.create_stream {
-            js.get_or_create_stream(stream::Config {
-                name: name.clone(),
-                subjects: vec![self.config.subject.clone()],
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| err(format!("cannot create it: {e}")))?;
-            return Ok(());
+            return self.create_stream(&js).await;
         }
         let mut s = js.get_stream(name).await.map_err(|e| {
             err(format!(
