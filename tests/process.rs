@@ -374,3 +374,91 @@ failure = { kind = "QUEUE", queueId = "missing" }
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/fnrelay.toml"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_in_the_middle_of_ingest_keeps_every_acknowledged_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook_port = free_port();
+    let port = free_port();
+    let config = webhook_config(hook_port);
+    let mut first = spawn(dir.path(), &config, port).await;
+
+    // 20 clients post as fast as they can; the daemon is killed while
+    // requests are in flight. Only answers that said 202 count.
+    let http = reqwest::Client::new();
+    let acked: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    let mut clients = Vec::new();
+    for c in 0..20 {
+        let (http, url, acked) = (http.clone(), first.url.clone(), acked.clone());
+        clients.push(tokio::spawn(async move {
+            for i in 0.. {
+                let call = format!("mid-{c:02}-{i:05}");
+                let Ok(r) = http
+                    .post(format!("{url}/v1/completions"))
+                    .json(&event(&call, 200))
+                    .send()
+                    .await
+                else {
+                    return;
+                };
+                if r.status() != 202 {
+                    return;
+                }
+                let Ok(body) = r.json::<serde_json::Value>().await else {
+                    return;
+                };
+                acked
+                    .lock()
+                    .unwrap()
+                    .insert(call, body["records"][0]["id"].as_str().unwrap().to_string());
+            }
+        }));
+    }
+    wait_until("some records acknowledged", Duration::from_secs(30), || {
+        let n = acked.lock().unwrap().len();
+        async move { n >= 500 }
+    })
+    .await;
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    for c in clients {
+        c.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+
+    let rx = Receiver::start_on(format!("127.0.0.1:{hook_port}").parse().unwrap()).await;
+    let second = spawn(dir.path(), &config, port).await;
+    wait_until(
+        "every acknowledged record delivered",
+        Duration::from_secs(120),
+        || {
+            let seen: HashSet<String> = rx.seen().iter().map(|s| s.header("webhook-id")).collect();
+            let all = acked.values().all(|id| seen.contains(id));
+            async move { all }
+        },
+    )
+    .await;
+    let seen = rx.seen();
+    for s in &seen {
+        let call = s.json()["data"]["request"]["fnCallId"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        if let Some(id) = acked.get(&call) {
+            assert_eq!(
+                id,
+                &s.header("webhook-id"),
+                "{call}: same id as acknowledged"
+            );
+        }
+    }
+    let distinct: HashSet<String> = seen.iter().map(|s| s.header("webhook-id")).collect();
+    eprintln!(
+        "kill -9 mid-ingest: {} acknowledged, {} distinct delivered ({} committed without an answer reaching the client), {} requests",
+        acked.len(),
+        distinct.len(),
+        distinct.len() - acked.len(),
+        seen.len()
+    );
+    stop(second).await;
+}
