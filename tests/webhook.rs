@@ -274,3 +274,32 @@ success = {{ kind = "NOTIFICATION", topicId = "hook" }}
         2.0
     );
 }
+
+#[tokio::test]
+async fn allowed_networks_open_a_private_range_without_opening_all() {
+    let rx = Receiver::start().await;
+    let toml = config(&rx, "").replace(
+        "allow_private_network = true",
+        "allowed_networks = [\"127.0.0.0/8\"]",
+    );
+    let d = start_with_secret(&toml).await;
+    d.post(&event("wh-allowed", 200)).await;
+    d.wait_metric(
+        &deliveries("Success", "", "Success", "NOTIFICATION", "hook"),
+        1.0,
+    )
+    .await;
+
+    // Without the allowance the same URL is refused at validation.
+    let refused = config(&rx, "").replace("allow_private_network = true", "");
+    let parsed = fnrelay::config::load_with_env(
+        fnrelay::config::Source::Text(&refused),
+        Some(Default::default()),
+    )
+    .unwrap();
+    let err = parsed.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("topics.hook.url: points into a private or loopback network"),
+        "{err}"
+    );
+}

@@ -9,7 +9,7 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 
 use super::WebhookError;
-use super::config::is_private;
+use super::config::Guard;
 use super::encode::{Secret, sign};
 use crate::destination::OutgoingRecord;
 
@@ -20,21 +20,22 @@ pub struct Client {
     secret: Option<Secret>,
 }
 
-/// Resolves names and drops private addresses, so a public-looking host
-/// name cannot lead into the sidecar's network (SSRF guard).
-struct PublicOnly;
+/// Resolves names and drops the addresses the guard blocks, so a
+/// public-looking host name cannot lead into the sidecar's network (SSRF).
+struct Guarded(Arc<Guard>);
 
-impl Resolve for PublicOnly {
+impl Resolve for Guarded {
     fn resolve(&self, name: Name) -> Resolving {
         let host = name.as_str().to_string();
+        let guard = self.0.clone();
         Box::pin(async move {
             let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
                 .await?
-                .filter(|a| !is_private(a.ip()))
+                .filter(|a| !guard.blocks(a.ip()))
                 .collect();
             if addrs.is_empty() {
                 return Err(format!(
-                    "{host} resolves only to private addresses (set allow_private_network = true to allow)"
+                    "{host} resolves only to private addresses (list them in allowed_networks, or set allow_private_network = true)"
                 )
                 .into());
             }
@@ -49,15 +50,15 @@ impl Client {
         url: Url,
         secret: Option<Secret>,
         timeout: Duration,
-        allow_private: bool,
+        guard: Guard,
     ) -> reqwest::Result<Self> {
         let mut builder = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("fnrelay/", env!("CARGO_PKG_VERSION")));
-        if !allow_private {
-            builder = builder.dns_resolver(Arc::new(PublicOnly));
+        if !guard.allow_private {
+            builder = builder.dns_resolver(Arc::new(Guarded(Arc::new(guard))));
         }
         Ok(Self {
             http: builder.build()?,

@@ -29,6 +29,76 @@ pub struct WebhookConfig {
     /// default so that a webhook cannot reach into the sidecar's network (SSRF).
     #[serde(default)]
     pub allow_private_network: bool,
+    /// Private networks this webhook may reach without opening all of them,
+    /// as CIDRs (`10.20.0.0/16`, `fd00:1::/64`).
+    #[serde(default)]
+    pub allowed_networks: Vec<String>,
+}
+
+/// An IP network in CIDR form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` is not a CIDR (address/prefix)"))?;
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{addr}` is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| format!("`{prefix}` is not a prefix length (0-{max})"))?;
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl Network {
+    /// Whether `ip` is inside the network.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let bits = |ip: IpAddr| -> Option<(u128, u32)> {
+            match ip {
+                IpAddr::V4(v4) => Some((u32::from(v4) as u128, 32)),
+                IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                    Some(v4) => Some((u32::from(v4) as u128, 32)),
+                    None => Some((u128::from(v6), 128)),
+                },
+            }
+        };
+        let (Some((net, width)), Some((addr, addr_width))) = (bits(self.addr), bits(ip)) else {
+            return false;
+        };
+        if width != addr_width {
+            return false;
+        }
+        let shift = width - self.prefix as u32;
+        shift >= width || (net >> shift) == (addr >> shift)
+    }
+}
+
+/// Which addresses a webhook may connect to.
+#[derive(Debug, Clone, Default)]
+pub struct Guard {
+    /// Any private address.
+    pub allow_private: bool,
+    /// These private networks.
+    pub allowed: Vec<Network>,
+}
+
+impl Guard {
+    /// True if connecting to `ip` is refused.
+    pub fn blocks(&self, ip: IpAddr) -> bool {
+        is_private(ip) && !self.allow_private && !self.allowed.iter().any(|n| n.contains(ip))
+    }
 }
 
 fn default_timeout() -> Duration {
@@ -59,6 +129,19 @@ pub(super) fn is_private(ip: IpAddr) -> bool {
 }
 
 impl WebhookConfig {
+    /// The address guard from `allow_private_network` and `allowed_networks`
+    /// (unparsable entries are reported by `validate`).
+    pub fn guard(&self) -> Guard {
+        Guard {
+            allow_private: self.allow_private_network,
+            allowed: self
+                .allowed_networks
+                .iter()
+                .filter_map(|n| n.parse().ok())
+                .collect(),
+        }
+    }
+
     /// Problems as `(key, reason)`.
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
@@ -77,21 +160,30 @@ impl WebhookConfig {
                         format!("scheme `{other}` is not http or https"),
                     )),
                 }
-                let private = match url.host() {
-                    Some(url::Host::Ipv4(ip)) => is_private(ip.into()),
-                    Some(url::Host::Ipv6(ip)) => is_private(ip.into()),
-                    Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+                let guard = self.guard();
+                let blocked = match url.host() {
+                    Some(url::Host::Ipv4(ip)) => guard.blocks(ip.into()),
+                    Some(url::Host::Ipv6(ip)) => guard.blocks(ip.into()),
+                    Some(url::Host::Domain(d)) => {
+                        d.eq_ignore_ascii_case("localhost")
+                            && guard.blocks(std::net::Ipv4Addr::LOCALHOST.into())
+                    }
                     None => {
                         out.push(("url".into(), "has no host".into()));
                         false
                     }
                 };
-                if private && !self.allow_private_network {
+                if blocked {
                     out.push((
                         "url".into(),
-                        "points into a private or loopback network; set allow_private_network = true if that is intended".into(),
+                        "points into a private or loopback network; list it in allowed_networks or set allow_private_network = true if that is intended".into(),
                     ));
                 }
+            }
+        }
+        for (i, n) in self.allowed_networks.iter().enumerate() {
+            if let Err(e) = n.parse::<Network>() {
+                out.push((format!("allowed_networks[{i}]"), e));
             }
         }
         if let Some(path) = &self.secret_file
@@ -112,7 +204,7 @@ impl WebhookConfig {
             None => None,
         };
         let url = Url::parse(&self.url).map_err(std::io::Error::other)?;
-        let client = client::Client::new(url, secret, self.timeout, self.allow_private_network)
+        let client = client::Client::new(url, secret, self.timeout, self.guard())
             .map_err(std::io::Error::other)?;
         Ok(WebhookDestination { client })
     }
@@ -129,6 +221,7 @@ mod tests {
             timeout: default_timeout(),
             allow_insecure_endpoint: insecure,
             allow_private_network: private,
+            allowed_networks: Vec::new(),
         }
         .validate()
         .into_iter()
@@ -151,6 +244,33 @@ mod tests {
         assert!(check("http://127.0.0.1:9/x", true, true).is_empty());
         assert!(check("ftp://example.com/x", false, false)[0].contains("scheme"));
         assert!(check("not a url", false, false)[0].contains("not a URL"));
+    }
+
+    #[test]
+    fn allowed_networks_open_only_their_range() {
+        let mut c = WebhookConfig {
+            url: "https://10.20.3.4/hook".into(),
+            secret_file: None,
+            timeout: default_timeout(),
+            allow_insecure_endpoint: false,
+            allow_private_network: false,
+            allowed_networks: vec!["10.20.0.0/16".into(), "fd00:1::/64".into()],
+        };
+        assert!(c.validate().is_empty());
+        c.url = "https://10.21.0.1/hook".into();
+        assert!(c.validate()[0].1.contains("allowed_networks"));
+        let g = c.guard();
+        assert!(!g.blocks("fd00:1::5".parse().unwrap()));
+        assert!(g.blocks("fd00:2::5".parse().unwrap()));
+        assert!(
+            !g.blocks("8.8.8.8".parse().unwrap()),
+            "public addresses are not affected"
+        );
+        c.allowed_networks = vec!["10.0.0.0".into(), "10.0.0.0/33".into()];
+        let keys: Vec<String> = c.validate().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["url", "allowed_networks[0]", "allowed_networks[1]"]);
+        let all: Network = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("192.168.1.1".parse().unwrap()));
     }
 
     #[test]
