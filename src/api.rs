@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, DestSpec, Route};
 use crate::journal::{Journal, NewRecord, Target, now_ms};
 use crate::metrics::Metrics;
-use crate::record::{Completion, DestinationType, FieldError, Limits, build_record, parse_body};
+use crate::record::{Completion, DestinationType, FieldError, Limits, build_record, parse_request};
 
 /// What handlers share.
 pub struct AppState {
@@ -196,8 +196,7 @@ async fn ingest(
         max_id_bytes: server.max_id_bytes,
         max_error_message_bytes: server.max_error_message_bytes,
     };
-    let events = parse_body(&body, &limits).map_err(ApiError::BadRequest)?;
-    let batch = events.len() > 1 || body_is_batch(&body);
+    let (events, batch) = parse_request(&body, &limits).map_err(ApiError::BadRequest)?;
     let prefix = |i: usize| {
         if batch {
             format!("completions[{i}].")
@@ -308,13 +307,6 @@ async fn ingest(
         StatusCode::ACCEPTED,
         Json(json!({"accepted": records.len(), "records": records})),
     ))
-}
-
-fn body_is_batch(body: &[u8]) -> bool {
-    // Cheap: parse_body already accepted it, so only the top-level key matters.
-    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body)
-        .map(|m| m.contains_key("completions"))
-        .unwrap_or(false)
 }
 
 /// Inline destination, else the function's route, else the application's,

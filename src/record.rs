@@ -185,6 +185,15 @@ const EVENT_FIELDS: &[&str] = &[
 /// Parses an ingest body: one event, or `{"completions": [...]}`.
 /// Returns every bad field, or the events in order.
 pub fn parse_body(body: &[u8], limits: &Limits) -> Result<Vec<Completion>, Vec<FieldError>> {
+    parse_request(body, limits).map(|(events, _)| events)
+}
+
+/// Like [`parse_body`], and says whether the body was a batch (field paths
+/// then start with `completions[i].`).
+pub fn parse_request(
+    body: &[u8],
+    limits: &Limits,
+) -> Result<(Vec<Completion>, bool), Vec<FieldError>> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| vec![FieldError::new("body", format!("not valid JSON: {e}"))])?;
     let Value::Object(mut top) = value else {
@@ -222,12 +231,12 @@ pub fn parse_body(body: &[u8], limits: &Limits) -> Result<Vec<Completion>, Vec<F
             }
         }
         if errors.is_empty() {
-            Ok(events)
+            Ok((events, true))
         } else {
             Err(errors)
         }
     } else {
-        parse_event(Value::Object(top), "", limits).map(|e| vec![e])
+        parse_event(Value::Object(top), "", limits).map(|e| (vec![e], false))
     }
 }
 

@@ -71,13 +71,6 @@ impl AmqpConfig {
                 format!("cannot read {}: {e}", path.display()),
             ));
         }
-        if self.exchange.is_empty()
-            && self.declare
-            && self.queue.is_none()
-            && self.routing_key.is_none()
-        {
-            // Fine: the resource id is the queue name.
-        }
         out
     }
 

@@ -203,7 +203,15 @@ pub fn signing_string(headers: &[&str], value: impl Fn(&str) -> String) -> Strin
 
 /// The signed header names and the signing string of a request.
 pub fn signing_input(req: &Request<'_>, with_body: bool) -> (&'static [&'static str], String) {
-    let sha = content_sha256(req.body);
+    input_with_hash(req, with_body, &content_sha256(req.body))
+}
+
+/// [`signing_input`] with the body hash already computed.
+fn input_with_hash(
+    req: &Request<'_>,
+    with_body: bool,
+    sha: &str,
+) -> (&'static [&'static str], String) {
     let length = req.body.len().to_string();
     let target = format!("{} {}", req.method.to_ascii_lowercase(), req.path_and_query);
     let names = if with_body {
@@ -217,7 +225,7 @@ pub fn signing_input(req: &Request<'_>, with_body: bool) -> (&'static [&'static 
         "host" => req.host.to_string(),
         "content-length" => length.clone(),
         "content-type" => req.content_type.to_string(),
-        "x-content-sha256" => sha.clone(),
+        "x-content-sha256" => sha.to_string(),
         _ => unreachable!("only known headers are signed"),
     };
     (names, signing_string(names, value))
@@ -241,23 +249,7 @@ impl Signer {
     /// Signs a request; `with_body` chooses the body header set.
     pub fn sign(&self, req: &Request<'_>, with_body: bool) -> SignedHeaders {
         let sha = content_sha256(req.body);
-        let length = req.body.len().to_string();
-        let target = format!("{} {}", req.method.to_ascii_lowercase(), req.path_and_query);
-        let names = if with_body {
-            BODY_HEADERS
-        } else {
-            BASIC_HEADERS
-        };
-        let value = |h: &str| match h {
-            "date" => req.date.to_string(),
-            "(request-target)" => target.clone(),
-            "host" => req.host.to_string(),
-            "content-length" => length.clone(),
-            "content-type" => req.content_type.to_string(),
-            "x-content-sha256" => sha.clone(),
-            _ => unreachable!("only known headers are signed"),
-        };
-        let input = signing_string(names, value);
+        let (names, input) = input_with_hash(req, with_body, &sha);
         let mut sig = vec![0; self.key.public_modulus_len()];
         self.key
             .sign(&RSA_PKCS1_SHA256, &self.rng, input.as_bytes(), &mut sig)
