@@ -41,13 +41,13 @@ pub struct Config {
     pub log: LogConfig,
     /// QUEUE resources, keyed by queueId.
     #[serde(default)]
-    pub queues: BTreeMap<String, ResourceConfig>,
+    pub queues: BTreeMap<String, Resource>,
     /// STREAM resources, keyed by streamId.
     #[serde(default)]
-    pub streams: BTreeMap<String, ResourceConfig>,
+    pub streams: BTreeMap<String, Resource>,
     /// NOTIFICATION resources, keyed by topicId.
     #[serde(default)]
-    pub topics: BTreeMap<String, ResourceConfig>,
+    pub topics: BTreeMap<String, Resource>,
     /// Where each function's records go.
     #[serde(default)]
     pub routes: RoutesConfig,
@@ -141,6 +141,11 @@ pub struct DeliveryConfig {
     /// Upper bound of one delivery attempt, whatever the backend's own timeout.
     #[serde(with = "humantime_serde")]
     pub attempt_timeout: Duration,
+    /// How long a claim holds its records: a record whose send or outcome
+    /// write has not finished by then is claimed again (delivered twice,
+    /// never stuck). Must be longer than `attempt_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
     /// Consecutive retryable failures that open a destination's circuit breaker.
     pub breaker_failure_threshold: u32,
     /// How long an open breaker waits before letting one probe through.
@@ -157,6 +162,7 @@ impl Default for DeliveryConfig {
             initial_backoff: Duration::from_millis(250),
             max_backoff: Duration::from_secs(300),
             attempt_timeout: Duration::from_secs(30),
+            lease: Duration::from_secs(90),
             breaker_failure_threshold: 5,
             breaker_cool_down: Duration::from_secs(10),
         }
@@ -190,6 +196,61 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// A destination resource: its lane keys (SPEC section 10) and the backend
+/// that serves it with that backend's keys.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Resource {
+    /// Batches in flight to this resource (default per backend).
+    #[serde(default)]
+    pub concurrency: Option<usize>,
+    /// Records per send (default per backend, capped by the service's limit).
+    #[serde(default)]
+    pub max_batch: Option<usize>,
+    /// The backend and its keys (unknown keys are refused there).
+    #[serde(flatten)]
+    pub backend: ResourceConfig,
+}
+
+/// A lane's effective limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaneLimits {
+    /// Batches in flight.
+    pub concurrency: usize,
+    /// Records per batch.
+    pub max_batch: usize,
+}
+
+impl Resource {
+    /// The lane limits: the configured ones, or the backend's defaults.
+    pub fn lane(&self) -> LaneLimits {
+        let (concurrency, max_batch, _) = self.backend.lane_defaults();
+        LaneLimits {
+            concurrency: self.concurrency.unwrap_or(concurrency),
+            max_batch: self.max_batch.unwrap_or(max_batch),
+        }
+    }
+
+    fn validate_lane(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let (_, _, cap) = self.backend.lane_defaults();
+        if self.concurrency == Some(0) || self.concurrency.is_some_and(|c| c > 1024) {
+            out.push(("concurrency".into(), "must be between 1 and 1024".into()));
+        }
+        match self.max_batch {
+            Some(0) => out.push(("max_batch".into(), "must be greater than 0".into())),
+            Some(n) if n > cap => out.push((
+                "max_batch".into(),
+                format!(
+                    "{n} is over the {} backend's limit of {cap} records per send",
+                    self.backend.backend()
+                ),
+            )),
+            _ => {}
+        }
+        out
+    }
 }
 
 /// A destination resource: which backend serves it and that backend's keys.
@@ -243,6 +304,25 @@ impl ResourceConfig {
             ResourceConfig::OciQueue(_) => "oci-queue",
             ResourceConfig::OciStreaming(_) => "oci-streaming",
             ResourceConfig::OciNotifications(_) => "oci-notifications",
+        }
+    }
+
+    /// `(concurrency, max_batch, largest max_batch)` of this backend's
+    /// lanes: what its protocol batches well, and the service's own limits
+    /// (OCI Queue PutMessages takes 20 messages, OCI Streaming 1 MB per
+    /// request; the others have no per-request record limit).
+    pub fn lane_defaults(&self) -> (usize, usize, usize) {
+        match self {
+            ResourceConfig::File(_) => (2, 512, 4096),
+            ResourceConfig::Webhook(_) => (4, 16, 256),
+            ResourceConfig::Amqp(_) => (4, 256, 4096),
+            ResourceConfig::NatsJetStream(_) => (4, 256, 4096),
+            ResourceConfig::RedisStreams(_) => (4, 256, 4096),
+            ResourceConfig::Mqtt(_) => (2, 64, 1024),
+            ResourceConfig::Nats(_) => (4, 256, 4096),
+            ResourceConfig::OciQueue(_) => (4, 20, 20),
+            ResourceConfig::OciStreaming(_) => (4, 100, 500),
+            ResourceConfig::OciNotifications(_) => (4, 8, 64),
         }
     }
 
@@ -507,6 +587,16 @@ impl Config {
                 bad(key, "must be greater than 0".into());
             }
         }
+        if d.lease <= d.attempt_timeout {
+            bad(
+                "delivery.lease",
+                format!(
+                    "{} must be longer than delivery.attempt_timeout ({}), or records still being sent would be claimed again",
+                    humantime::format_duration(d.lease),
+                    humantime::format_duration(d.attempt_timeout)
+                ),
+            );
+        }
         if d.initial_backoff > d.max_backoff {
             bad(
                 "delivery.initial_backoff",
@@ -521,6 +611,10 @@ impl Config {
         for (table, kind, map) in self.resource_tables() {
             for (id, resource) in map {
                 let prefix = format!("{table}.{}", quote_key(id));
+                for (key, reason) in resource.validate_lane() {
+                    bad(&format!("{prefix}.{key}"), reason);
+                }
+                let resource = &resource.backend;
                 if !resource.serves(kind) {
                     bad(
                         &format!("{prefix}.backend"),
@@ -596,9 +690,7 @@ impl Config {
     }
 
     /// `(table name, kind, resources)` for the three resource tables.
-    pub fn resource_tables(
-        &self,
-    ) -> [(&'static str, DestKind, &BTreeMap<String, ResourceConfig>); 3] {
+    pub fn resource_tables(&self) -> [(&'static str, DestKind, &BTreeMap<String, Resource>); 3] {
         [
             ("queues", DestKind::Queue, &self.queues),
             ("streams", DestKind::Stream, &self.streams),
@@ -607,7 +699,7 @@ impl Config {
     }
 
     /// The resource table of one kind.
-    pub fn resources(&self, kind: DestKind) -> &BTreeMap<String, ResourceConfig> {
+    pub fn resources(&self, kind: DestKind) -> &BTreeMap<String, Resource> {
         match kind {
             DestKind::Queue => &self.queues,
             DestKind::Stream => &self.streams,
@@ -636,6 +728,7 @@ impl Config {
             .into_iter()
             .find(|(t, _, _)| *t == table)
             .and_then(|(_, _, map)| map.get(id))
+            .map(|r| &r.backend)
     }
 }
 

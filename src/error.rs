@@ -66,6 +66,34 @@ pub enum Disposition {
     },
     /// Retrying cannot help: dead-letter now.
     Permanent,
+    /// The destination as a whole cannot take records now (cannot connect,
+    /// not authorized, queue or stream missing, no responders, throttled):
+    /// the breaker opens and records wait without using attempts. `after`
+    /// is the destination's hint.
+    Unavailable {
+        /// Server-suggested delay.
+        after: Option<Duration>,
+    },
+}
+
+/// Whose failure a failed attempt is (SPEC section 10), which decides what
+/// happens to the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The destination as a whole failed: open the breaker, release the
+    /// record without using an attempt.
+    Destination {
+        /// Server-suggested delay.
+        after: Option<Duration>,
+    },
+    /// A real send failed and may succeed later: the attempt counts, the
+    /// record is retried after a backoff.
+    Send {
+        /// Server-suggested delay.
+        after: Option<Duration>,
+    },
+    /// The record itself is at fault (too large, malformed): dead-letter it.
+    Record,
 }
 
 /// A failed delivery attempt, classified. Backends convert their own error
@@ -107,8 +135,11 @@ impl DeliveryError {
 
     /// Adds the server's retry hint.
     pub fn with_retry_after(mut self, after: Option<Duration>) -> Self {
-        if let Disposition::Retry { after: slot } = &mut self.disposition {
-            *slot = after;
+        match &mut self.disposition {
+            Disposition::Retry { after: slot } | Disposition::Unavailable { after: slot } => {
+                *slot = after
+            }
+            Disposition::Permanent => {}
         }
         self
     }
@@ -130,9 +161,48 @@ impl DeliveryError {
         }
     }
 
+    /// A destination-wide failure (see [`Disposition::Unavailable`]).
+    pub fn unavailable(label: ErrorLabel, message: impl Into<String>) -> Self {
+        Self {
+            label,
+            disposition: Disposition::Unavailable { after: None },
+            message: message.into(),
+            source: None,
+        }
+    }
+
     /// Whether another attempt may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self.disposition, Disposition::Retry { .. })
+        !matches!(self.disposition, Disposition::Permanent)
+    }
+
+    /// Whose failure this is. Backends say it explicitly with
+    /// [`Disposition::Unavailable`]; otherwise the label decides: failing to
+    /// connect, authenticate, find the resource or being throttled is the
+    /// destination's, whatever the backend called retryable; a record too
+    /// large or rejected as it is, is the record's.
+    pub fn scope(&self) -> Scope {
+        match (self.disposition, self.label) {
+            (Disposition::Unavailable { after }, _) => Scope::Destination { after },
+            (
+                Disposition::Retry { after },
+                ErrorLabel::ConnectionFailed
+                | ErrorLabel::Unauthorized
+                | ErrorLabel::Forbidden
+                | ErrorLabel::NotFound
+                | ErrorLabel::Throttled,
+            ) => Scope::Destination { after },
+            (
+                Disposition::Permanent,
+                ErrorLabel::ConnectionFailed
+                | ErrorLabel::Unauthorized
+                | ErrorLabel::Forbidden
+                | ErrorLabel::NotFound
+                | ErrorLabel::Throttled,
+            ) => Scope::Destination { after: None },
+            (Disposition::Retry { after }, _) => Scope::Send { after },
+            (Disposition::Permanent, _) => Scope::Record,
+        }
     }
 
     /// Message with the whole source chain, for logs and the journal.
@@ -198,6 +268,39 @@ mod tests {
             let got = classify_http_status(*status).map(|(l, r)| (l.as_str(), r));
             assert_eq!(got, *want, "status {status}");
         }
+    }
+
+    #[test]
+    fn scope_table() {
+        use ErrorLabel::*;
+        let retry = |l| DeliveryError::retry(l, "x").scope();
+        let permanent = |l| DeliveryError::permanent(l, "x").scope();
+        let dest = Scope::Destination { after: None };
+        let send = Scope::Send { after: None };
+        for l in [
+            ConnectionFailed,
+            Unauthorized,
+            Forbidden,
+            NotFound,
+            Throttled,
+        ] {
+            assert_eq!(retry(l), dest, "{l} retryable");
+            assert_eq!(permanent(l), dest, "{l} permanent");
+        }
+        for l in [Timeout, ServerError, Other] {
+            assert_eq!(retry(l), send, "{l}");
+        }
+        for l in [PayloadTooLarge, Rejected] {
+            assert_eq!(permanent(l), Scope::Record, "{l}");
+        }
+        let hinted = DeliveryError::unavailable(Rejected, "wrong type")
+            .with_retry_after(Some(Duration::from_secs(3)));
+        assert_eq!(
+            hinted.scope(),
+            Scope::Destination {
+                after: Some(Duration::from_secs(3))
+            }
+        );
     }
 
     #[test]

@@ -95,21 +95,50 @@ async fn records_arrive_persistent_with_message_id_and_channel_as_routing_key() 
 }
 
 #[tokio::test]
-async fn an_unroutable_record_is_dead_lettered_as_not_found() {
+async fn an_unroutable_record_waits_and_is_delivered_once_its_queue_exists() {
+    // Unroutable means no queue is bound: the destination's failure, not the
+    // record's (SPEC section 10). The record waits, using no attempts, and
+    // arrives once an operator declares the queue.
     let missing = unique("fnrelay-nowhere");
     let d = start(&config(BROKER, &format!("routing_key = \"{missing}\""))).await;
     d.post(&event("amqp-unroutable", 200)).await;
-    d.wait_metric(
-        &deliveries("Error", "not_found", "Success", "QUEUE", "jobs"),
-        1.0,
+    wait_until(
+        "the unroutable publish is seen",
+        Duration::from_secs(20),
+        || async { retries(&d.metrics().await, "QUEUE", "jobs") >= 1.0 },
     )
     .await;
-    let list = d.dead_letters().await;
-    let last = list["deadLetters"][0]["lastError"].as_str().unwrap();
+    let text = d.metrics().await;
     assert!(
-        last.contains("unroutable") && last.contains(&missing),
-        "{last}"
+        !text.contains("response_type=\"Error\""),
+        "not dead-lettered: {text}"
     );
+    assert_eq!(metric(&text, "fnrelay_pending_records"), 1.0);
+    let conn = Connection::connect(
+        &format!("amqp://guest:guest@{BROKER}/%2f"),
+        ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    conn.create_channel()
+        .await
+        .unwrap()
+        .queue_declare(
+            missing.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    d.wait_metric_for(
+        &deliveries("Success", "", "Success", "QUEUE", "jobs"),
+        1.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    let got = drain(&missing).await;
+    assert_eq!(got.len(), 1);
+    delete(&missing).await;
 }
 
 #[test]

@@ -95,15 +95,41 @@ async fn records_arrive_with_msg_id_and_key_and_duplicates_are_absorbed() {
 }
 
 #[tokio::test]
-async fn a_subject_without_a_stream_is_not_found() {
-    let subject = format!("fnrelay.nostream.{}", unique("x").replace('-', "_"));
+async fn no_responders_while_the_stream_is_missing_do_not_dead_letter() {
+    // A subject without a stream answers "no responders", as JetStream does
+    // while it restarts or elects a leader: the records wait, and arrive
+    // once the stream is there.
+    let name = unique("FNRELAY_LATE").replace('-', "_");
+    let subject = format!("fnrelay.{name}");
     let d = start(&config(SERVER, &subject, "")).await;
-    d.post(&event("js-missing", 500)).await;
-    d.wait_metric(
-        &deliveries("Error", "not_found", "Failure", "STREAM", "results"),
-        1.0,
+    for i in 0..5 {
+        d.post(&event(&format!("js-missing-{i}-{name}"), 500)).await;
+    }
+    wait_until("no responders seen", Duration::from_secs(20), || async {
+        retries(&d.metrics().await, "STREAM", "results") >= 1.0
+    })
+    .await;
+    let text = d.metrics().await;
+    assert!(
+        !text.contains("response_type=\"Error\""),
+        "not dead-lettered: {text}"
+    );
+    js().await
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    d.wait_metric_for(
+        &deliveries("Success", "", "Failure", "STREAM", "results"),
+        5.0,
+        Duration::from_secs(30),
     )
     .await;
+    assert_eq!(read_all(&name).await.len(), 5);
+    js().await.delete_stream(&name).await.unwrap();
 }
 
 #[test]

@@ -90,7 +90,7 @@ async fn an_unreachable_broker_is_retried_as_connection_failed() {
     wait_until("retried", Duration::from_secs(10), || async {
         metric(
             &d.metrics().await,
-            "fnrelay_delivery_attempts_total{outcome=\"retry\",error_message=\"connection_failed\",destination_kind=\"NOTIFICATION\",destination_id=\"alerts\"}",
+            "fnrelay_delivery_attempts_total{outcome=\"unavailable\",error_message=\"connection_failed\",destination_kind=\"NOTIFICATION\",destination_id=\"alerts\"}",
         ) >= 2.0
     })
     .await;

@@ -63,7 +63,7 @@ async fn an_unreachable_server_is_retried_as_connection_failed() {
     wait_until("retried", Duration::from_secs(15), || async {
         metric(
             &d.metrics().await,
-            "fnrelay_delivery_attempts_total{outcome=\"retry\",error_message=\"connection_failed\",destination_kind=\"NOTIFICATION\",destination_id=\"events\"}",
+            "fnrelay_delivery_attempts_total{outcome=\"unavailable\",error_message=\"connection_failed\",destination_kind=\"NOTIFICATION\",destination_id=\"events\"}",
         ) >= 1.0
     })
     .await;

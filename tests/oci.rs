@@ -121,7 +121,7 @@ async fn queue_429_with_retry_after_and_500_are_retried() {
         .await;
     let text = d.metrics().await;
     assert_eq!(
-        metric(&text, &attempts("retry", "throttled", "QUEUE", QUEUE)),
+        metric(&text, &attempts("unavailable", "throttled", "QUEUE", QUEUE)),
         1.0
     );
     assert_eq!(
@@ -134,7 +134,9 @@ async fn queue_429_with_retry_after_and_500_are_retried() {
 }
 
 #[tokio::test]
-async fn a_401_dead_letters_as_unauthorized() {
+async fn a_401_holds_the_record_until_the_credentials_work() {
+    // OCI's own guidance retries 401: a key being rotated must not
+    // dead-letter the backlog (SPEC section 10).
     let oci = server(0).await;
     oci.fault(Fault::Status {
         status: 401,
@@ -143,22 +145,26 @@ async fn a_401_dead_letters_as_unauthorized() {
     });
     let d = start(&config(&oci, "")).await;
     d.post(&event("q-401", 500)).await;
-    d.wait_metric(
-        &deliveries("Error", "unauthorized", "Failure", "QUEUE", QUEUE),
-        1.0,
-    )
-    .await;
-    let dead = d.dead_letters().await;
-    let last = dead["deadLetters"][0]["lastError"].as_str().unwrap();
-    assert!(
-        last.contains("401 NotAuthenticated") && last.contains("opc-request-id"),
-        "{last}"
+    d.wait_metric(&deliveries("Success", "", "Failure", "QUEUE", QUEUE), 1.0)
+        .await;
+    let text = d.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            &attempts("unavailable", "unauthorized", "QUEUE", QUEUE)
+        ),
+        1.0
     );
+    assert!(!text.contains("response_type=\"Error\""), "{text}");
+    let statuses: Vec<u16> = oci.requests().iter().map(|r| r.2).collect();
+    assert_eq!(statuses, [401, 200]);
 }
 
 #[tokio::test]
 async fn the_strict_server_rejects_a_key_it_does_not_know() {
-    // Same key, but a keyId (tenancy) the server does not trust: 401.
+    // Same key, but a keyId (tenancy) the server does not trust: 401 on
+    // every request. The destination is failing, not the record: the
+    // breaker opens and the record waits in the journal.
     let oci = server(0).await;
     let text = config(&oci, "").replace(
         &format!("tenancy = \"{TENANCY}\""),
@@ -166,25 +172,37 @@ async fn the_strict_server_rejects_a_key_it_does_not_know() {
     );
     let d = start(&text).await;
     d.post(&event("q-wrong-key", 500)).await;
-    d.wait_metric(
-        &deliveries("Error", "unauthorized", "Failure", "QUEUE", QUEUE),
-        1.0,
-    )
+    let breaker = format!(
+        "fnrelay_circuit_breaker_state{{destination_kind=\"QUEUE\",destination_id=\"{QUEUE}\"}}"
+    );
+    wait_until("the breaker opens", Duration::from_secs(20), || async {
+        metric(&d.metrics().await, &breaker) >= 1.0
+    })
     .await;
+    let text = d.metrics().await;
+    assert!(!text.contains("response_type=\"Error\""), "{text}");
+    assert_eq!(metric(&text, "fnrelay_pending_records"), 1.0);
     assert!(oci.stored().is_empty());
-    assert_eq!(oci.requests()[0].2, 401);
+    assert!(oci.requests().iter().all(|r| r.2 == 401));
 }
 
 #[tokio::test]
-async fn a_missing_queue_is_not_found() {
+async fn a_missing_queue_holds_its_records_without_using_attempts() {
     let oci = OciServer::start(&[], Duration::ZERO).await;
     let d = start(&config(&oci, "")).await;
     d.post(&event("q-404", 500)).await;
-    d.wait_metric(
-        &deliveries("Error", "not_found", "Failure", "QUEUE", QUEUE),
-        1.0,
-    )
+    wait_until("404 seen", Duration::from_secs(20), || async {
+        retries(&d.metrics().await, "QUEUE", QUEUE) >= 3.0
+    })
     .await;
+    let text = d.metrics().await;
+    assert!(!text.contains("response_type=\"Error\""), "{text}");
+    assert_eq!(metric(&text, "fnrelay_pending_records"), 1.0);
+    assert_eq!(
+        metric(&text, &attempts("retry", "not_found", "QUEUE", QUEUE)),
+        0.0,
+        "no attempt used"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,7 +262,7 @@ async fn streaming_throttled_then_delivered() {
     assert_eq!(
         metric(
             &d.metrics().await,
-            &attempts("retry", "throttled", "STREAM", STREAM)
+            &attempts("unavailable", "throttled", "STREAM", STREAM)
         ),
         1.0
     );

@@ -240,7 +240,7 @@ async fn sigterm_exits_0_and_keeps_undelivered_records_for_the_next_start() {
 async fn dead_letter_log_line_and_cli_list_and_replay() {
     let dir = tempfile::tempdir().unwrap();
     let rx = Receiver::start().await;
-    rx.script(&[(404, None)]);
+    rx.script(&[(400, None)]);
     let port = free_port();
     let config = webhook_config(rx.addr.port());
     let p = spawn(dir.path(), &config, port).await;
@@ -258,7 +258,7 @@ async fn dead_letter_log_line_and_cli_list_and_replay() {
 
     wait_until("dead-letter log line", Duration::from_secs(10), || {
         let found = p.log.lock().unwrap().iter().any(|l| {
-            l.contains("Invocation record delivery to failure destination failed due to - not_found: webhook answered 404")
+            l.contains("Invocation record delivery to failure destination failed due to - rejected: webhook answered 400")
         });
         async move { found }
     })
@@ -293,7 +293,7 @@ async fn dead_letter_log_line_and_cli_list_and_replay() {
         .collect();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["id"], id.as_str());
-    assert_eq!(listed[0]["errorMessage"], "not_found");
+    assert_eq!(listed[0]["errorMessage"], "rejected");
 
     let out = Command::new(binary())
         .args(["dead-letters", "--url", &p.url, "replay", "--all"])

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::config::{Config, ResourceConfig};
+use crate::config::{Config, LaneLimits, ResourceConfig};
 use crate::error::DeliveryError;
 use crate::record::{DestKind, DestinationType};
 
@@ -64,6 +64,15 @@ pub trait Destination: Send + Sync + 'static {
     /// confirmed it (fsync, 2xx, broker ack).
     async fn send(&self, record: &OutgoingRecord) -> Result<(), DeliveryError>;
 
+    /// One attempt for each record of a lane's batch, one result per record
+    /// in order. The default sends them concurrently, which the multiplexed
+    /// clients (AMQP confirms, JetStream acks, Redis, MQTT's in-flight
+    /// window, HTTP/2) turn into pipelined requests whose confirmations are
+    /// awaited together. Backends with a native batch override it.
+    async fn send_batch(&self, records: &[OutgoingRecord]) -> Vec<Result<(), DeliveryError>> {
+        futures_util::future::join_all(records.iter().map(|r| self.send(r))).await
+    }
+
     /// Checks, with network I/O, that the resource exists and is usable
     /// (a queue, stream or exchange is there; declares it when the config
     /// asks to). Run at start (a failure is logged, records wait and retry)
@@ -79,7 +88,7 @@ pub type ResourceKey = (DestKind, String);
 /// All built destinations, by resource.
 #[derive(Clone, Default)]
 pub struct Registry {
-    map: HashMap<ResourceKey, Arc<dyn Destination>>,
+    map: HashMap<ResourceKey, (Arc<dyn Destination>, LaneLimits)>,
 }
 
 type Built = Result<Arc<dyn Destination>, Box<dyn std::error::Error + Send + Sync>>;
@@ -102,10 +111,11 @@ pub struct BuildError {
 impl Registry {
     /// Builds every resource of a validated config.
     pub fn build(config: &Config) -> Result<Self, BuildError> {
-        let mut map: HashMap<ResourceKey, Arc<dyn Destination>> = HashMap::new();
+        let mut map = HashMap::new();
         for (table, kind, resources) in config.resource_tables() {
             for (id, resource) in resources {
-                let built = match resource {
+                let lane = resource.lane();
+                let built = match &resource.backend {
                     ResourceConfig::File(c) => boxed(c.build()),
                     ResourceConfig::Webhook(c) => boxed(c.build()),
                     ResourceConfig::Amqp(c) => boxed(c.build(id)),
@@ -128,7 +138,7 @@ impl Registry {
                     id: id.clone(),
                     source,
                 })?;
-                map.insert((kind, id.clone()), destination);
+                map.insert((kind, id.clone()), (destination, lane));
             }
         }
         Ok(Self { map })
@@ -136,7 +146,7 @@ impl Registry {
 
     /// The destination serving a resource.
     pub fn get(&self, kind: DestKind, id: &str) -> Option<&Arc<dyn Destination>> {
-        self.map.get(&(kind, id.to_string()))
+        self.map.get(&(kind, id.to_string())).map(|(d, _)| d)
     }
 
     /// Adds or replaces a destination (tests and embedders).
@@ -145,14 +155,15 @@ impl Registry {
         kind: DestKind,
         id: impl Into<String>,
         destination: Arc<dyn Destination>,
+        lane: LaneLimits,
     ) {
-        self.map.insert((kind, id.into()), destination);
+        self.map.insert((kind, id.into()), (destination, lane));
     }
 
     /// Runs every destination's [`Destination::check`] concurrently;
     /// returns `(table.id, error)` for each that failed.
     pub async fn check_all(&self) -> Vec<(String, DeliveryError)> {
-        let checks = self.map.iter().map(|((kind, id), d)| {
+        let checks = self.map.iter().map(|((kind, id), (d, _))| {
             let d = d.clone();
             let name = format!("{}.{id}", kind.table());
             async move {
@@ -180,8 +191,8 @@ impl Registry {
         failed
     }
 
-    /// All resources.
-    pub fn iter(&self) -> impl Iterator<Item = (&ResourceKey, &Arc<dyn Destination>)> {
-        self.map.iter()
+    /// All resources with their lane limits.
+    pub fn iter(&self) -> impl Iterator<Item = (&ResourceKey, &Arc<dyn Destination>, LaneLimits)> {
+        self.map.iter().map(|(k, (d, l))| (k, d, *l))
     }
 }

@@ -111,6 +111,17 @@ impl Breaker {
         };
     }
 
+    /// The destination asked for a pause (Retry-After on a throttle): stay
+    /// open at least until `now + pause`.
+    pub fn hold(&self, now: Instant, pause: Duration) {
+        let mut inner = self.inner.lock().expect("breaker lock");
+        let until = now + pause;
+        *inner = match *inner {
+            Inner::Open { until: u } if u >= until => Inner::Open { until: u },
+            _ => Inner::Open { until },
+        };
+    }
+
     /// The probe was admitted but never sent (shutdown): let another probe go.
     pub fn on_abandon(&self, now: Instant) {
         let mut inner = self.inner.lock().expect("breaker lock");

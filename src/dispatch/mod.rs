@@ -1,10 +1,20 @@
-//! Dispatch: moves due records from the journal through a bounded channel to
-//! N workers, applies the retry policy and the circuit breakers, and writes
-//! each outcome back to the journal, then to metrics and logs.
+//! Dispatch: one lane per destination resource (SPEC section 10). Each lane
+//! claims its due records from the journal in batches (leases), sends each
+//! batch with [`Destination::send_batch`] under its own concurrency limit and
+//! circuit breaker, and hands every record's outcome to the completer, which
+//! writes many outcomes in one journal transaction and only then counts and
+//! logs them. Sends never wait for a journal commit.
 //!
-//! Retries live in the journal (`next_attempt_at`), not in a worker: a
-//! failing record holds no worker and survives restarts. Workers never drop
-//! a record: every claim ends as delivered, retry, release or dead.
+//! Isolation: a lane holds only its own records and its own slots, so a slow
+//! or dead destination cannot hold another's records; `delivery.workers`
+//! caps the batches in flight over all lanes. A lane whose breaker is open
+//! claims nothing (no claim/release churn); when the cool-down ends it
+//! claims one record as the probe.
+//!
+//! Retries live in the journal (`next_attempt_at`), not in a task: a failing
+//! record holds no slot and survives restarts. A destination-wide failure
+//! (see [`crate::error::Scope`]) releases the records without using an
+//! attempt and opens the breaker; only real sends count as attempts.
 
 pub mod backoff;
 pub mod breaker;
@@ -14,33 +24,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{Mutex, Notify, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::breaker::{Admit, Breaker};
-use crate::config::DeliveryConfig;
-use crate::destination::{OutgoingRecord, Registry, ResourceKey};
-use crate::error::{DeliveryError, ErrorLabel};
-use crate::journal::{Claimed, Journal, Outcome, now_ms};
+use crate::config::{DeliveryConfig, LaneLimits};
+use crate::destination::{Destination, OutgoingRecord, Registry};
+use crate::error::{DeliveryError, ErrorLabel, Scope};
+use crate::journal::{Claimed, Journal, Lane, Outcome, now_ms};
 use crate::metrics::Metrics;
 
-/// How often the dispatcher looks at the journal when nothing woke it.
+/// How often an idle lane looks at the journal when nothing woke it.
 const IDLE_POLL: Duration = Duration::from_secs(1);
-/// How often delivered records past retention are pruned.
+/// How often delivered records past retention are pruned and the journal
+/// gauges recounted.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
-
-/// Everything workers share.
-struct Shared {
-    journal: Arc<dyn Journal>,
-    registry: Registry,
-    breakers: HashMap<ResourceKey, Breaker>,
-    metrics: Arc<Metrics>,
-    policy: DeliveryConfig,
-    /// Wakes the claim loop when a record is rescheduled, so its next due
-    /// time is seen without waiting for the idle poll.
-    wake: Arc<Notify>,
-}
+/// Outcomes the completer writes in one journal call at most.
+const MAX_OUTCOMES_PER_COMMIT: usize = 8192;
 
 /// What the dispatcher is built from.
 pub struct Parts {
@@ -50,7 +51,7 @@ pub struct Parts {
     pub registry: Registry,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Retry policy, workers, breaker settings.
+    /// Retry policy, global cap, breaker settings.
     pub policy: DeliveryConfig,
     /// How long delivered records are kept.
     pub retention: Duration,
@@ -58,9 +59,39 @@ pub struct Parts {
     pub wake: Arc<Notify>,
 }
 
-/// Starts the dispatcher, the workers and the pruner on `tracker`. They stop
-/// when `cancel` fires: the dispatcher stops claiming, workers finish the
-/// send in hand and release what is still queued.
+/// One destination resource's lane.
+struct LaneState {
+    lane: Lane,
+    /// `None`: the resource is no longer configured; its records are
+    /// dead-lettered as `not_found`.
+    destination: Option<Arc<dyn Destination>>,
+    limits: LaneLimits,
+    breaker: Breaker,
+    /// Batches in flight to this resource.
+    slots: Arc<Semaphore>,
+    wake: Notify,
+}
+
+/// Everything lanes and the completer share.
+struct Shared {
+    journal: Arc<dyn Journal>,
+    metrics: Arc<Metrics>,
+    policy: DeliveryConfig,
+    /// Batches in flight over all lanes (`delivery.workers`).
+    global: Arc<Semaphore>,
+    done: mpsc::Sender<Done>,
+}
+
+/// A batch's outcomes, on their way to the completer.
+struct Done {
+    lane: Arc<LaneState>,
+    /// Each record (body dropped) with its outcome.
+    outcomes: Vec<(Claimed, Outcome)>,
+}
+
+/// Starts the lanes, the completer and the pruner on `tracker`. They stop
+/// when `cancel` fires: lanes stop claiming, batches in flight finish their
+/// send, and the completer writes every outcome before it returns.
 pub fn start(parts: Parts, tracker: &TaskTracker, cancel: CancellationToken) {
     let Parts {
         journal,
@@ -70,83 +101,580 @@ pub fn start(parts: Parts, tracker: &TaskTracker, cancel: CancellationToken) {
         retention,
         wake,
     } = parts;
-    let breakers = registry
-        .iter()
-        .map(|(key, _)| {
-            metrics.breaker_state(key.0, &key.1, 0);
-            (
-                key.clone(),
-                Breaker::new(policy.breaker_failure_threshold, policy.breaker_cool_down),
-            )
-        })
-        .collect();
-    let workers = policy.workers;
+    let (done_tx, done_rx) = mpsc::channel::<Done>(1024);
     let shared = Arc::new(Shared {
         journal: journal.clone(),
-        registry,
-        breakers,
-        metrics,
-        policy,
-        wake: wake.clone(),
+        metrics: metrics.clone(),
+        global: Arc::new(Semaphore::new(policy.workers)),
+        policy: policy.clone(),
+        done: done_tx,
     });
-    let (tx, rx) = mpsc::channel::<Claimed>(workers * 2);
-    let rx = Arc::new(Mutex::new(rx));
-    for _ in 0..workers {
-        tracker.spawn(worker(shared.clone(), rx.clone(), cancel.clone()));
+    let mut lanes: HashMap<Lane, Arc<LaneState>> = HashMap::new();
+    for ((kind, id), destination, limits) in registry.iter() {
+        metrics.breaker_state(*kind, id, 0);
+        let lane = Lane {
+            kind: *kind,
+            resource_id: id.clone(),
+        };
+        lanes.insert(
+            lane.clone(),
+            new_lane(lane, Some(destination.clone()), limits, &policy),
+        );
     }
-    tracker.spawn(claim_loop(journal.clone(), tx, wake, cancel.clone()));
+    let lanes = Arc::new(lanes);
+    for lane in lanes.values() {
+        tracker.spawn(lane_loop(
+            lane.clone(),
+            shared.clone(),
+            tracker.clone(),
+            cancel.clone(),
+        ));
+    }
+    // Records of resources that left the configuration get a lane that
+    // dead-letters them.
+    {
+        let (shared, tracker2, cancel, lanes) = (
+            shared.clone(),
+            tracker.clone(),
+            cancel.clone(),
+            lanes.clone(),
+        );
+        tracker.spawn(async move {
+            match shared.journal.pending_lanes().await {
+                Ok(found) => {
+                    for lane in found.into_iter().filter(|l| !lanes.contains_key(l)) {
+                        let limits = LaneLimits {
+                            concurrency: 1,
+                            max_batch: 512,
+                        };
+                        let state = new_lane(lane, None, limits, &shared.policy);
+                        tracker2.spawn(lane_loop(
+                            state,
+                            shared.clone(),
+                            tracker2.clone(),
+                            cancel.clone(),
+                        ));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot list the journal's lanes; records of removed resources stay pending")
+                }
+            }
+        });
+    }
+    tracker.spawn(fan_out(wake, lanes.clone(), cancel.clone()));
+    tracker.spawn(completer(done_rx, journal.clone(), metrics, lanes));
     tracker.spawn(prune_loop(journal, retention, cancel));
+    // `shared` (and with it the completer's sender) now lives only in the
+    // lanes and their batches: the completer ends after the last of them.
 }
 
-async fn claim_loop(
-    journal: Arc<dyn Journal>,
-    tx: mpsc::Sender<Claimed>,
+fn new_lane(
+    lane: Lane,
+    destination: Option<Arc<dyn Destination>>,
+    limits: LaneLimits,
+    policy: &DeliveryConfig,
+) -> Arc<LaneState> {
+    Arc::new(LaneState {
+        lane,
+        destination,
+        limits,
+        breaker: Breaker::new(policy.breaker_failure_threshold, policy.breaker_cool_down),
+        slots: Arc::new(Semaphore::new(limits.concurrency.max(1))),
+        wake: Notify::new(),
+    })
+}
+
+/// Ingest wakes one `Notify`; every lane looks at the journal.
+async fn fan_out(
     wake: Arc<Notify>,
+    lanes: Arc<HashMap<Lane, Arc<LaneState>>>,
     cancel: CancellationToken,
 ) {
     loop {
-        // Wait for room first, so claimed records never wait in memory for
-        // long while marked inflight.
-        let room = tokio::select! {
-            _ = cancel.cancelled() => break,
-            permit = tx.reserve() => match permit {
-                Ok(p) => { drop(p); tx.capacity().max(1) }
-                Err(_) => break,
-            },
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = wake.notified() => {}
+        }
+        for lane in lanes.values() {
+            lane.wake.notify_one();
+        }
+    }
+}
+
+async fn lane_loop(
+    lane: Arc<LaneState>,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+) {
+    let lease = shared.policy.lease;
+    loop {
+        if cancel.is_cancelled() {
+            return;
+        }
+        let (limit, probe) = match lane.breaker.admit(tokio::time::Instant::now()) {
+            Admit::Go => (lane.limits.max_batch, false),
+            Admit::Probe => {
+                shared.metrics.breaker_state(
+                    lane.lane.kind,
+                    &lane.lane.resource_id,
+                    lane.breaker.state().code(),
+                );
+                (1, true)
+            }
+            Admit::Wait(d) => {
+                // Open: claim nothing, except records past max_record_age,
+                // which are dead-lettered on time.
+                expire_waiting(&lane, &shared).await;
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(d) => {}
+                }
+                continue;
+            }
         };
-        let claimed = match journal.claim_due(now_ms(), room).await {
+        let slot = tokio::select! {
+            _ = cancel.cancelled() => return,
+            slot = lane.slots.clone().acquire_owned() => slot.expect("lane semaphore is never closed"),
+        };
+        let claimed = match shared
+            .journal
+            .claim(&lane.lane, now_ms(), limit, lease)
+            .await
+        {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!(error = %e, "cannot claim records from the journal; retrying in 1s");
+                if probe {
+                    lane.breaker.on_abandon(tokio::time::Instant::now());
+                }
+                tracing::error!(destination = %lane.lane.resource_id, error = %e, "cannot claim records from the journal; retrying in 1s");
                 tokio::select! {
-                    _ = cancel.cancelled() => break,
+                    _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(IDLE_POLL) => continue,
                 }
             }
         };
-        let full = claimed.len() == room;
-        for record in claimed {
-            if tx.send(record).await.is_err() {
-                return;
+        if claimed.is_empty() {
+            drop(slot);
+            if probe {
+                lane.breaker.on_abandon(tokio::time::Instant::now());
             }
-        }
-        if full {
+            let wait = match shared.journal.next_due(&lane.lane).await {
+                Ok(Some(at)) => Duration::from_millis(
+                    (at - now_ms()).clamp(1, IDLE_POLL.as_millis() as i64) as u64,
+                ),
+                Ok(None) | Err(_) => IDLE_POLL,
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = lane.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
             continue;
         }
-        let wait = match journal.next_due().await {
-            Ok(Some(at)) => {
-                Duration::from_millis((at - now_ms()).clamp(0, IDLE_POLL.as_millis() as i64) as u64)
-            }
-            Ok(None) | Err(_) => IDLE_POLL,
+        let global = tokio::select! {
+            // Not sent: the leases end with the process (or the journal),
+            // and the records are due again.
+            _ = cancel.cancelled() => return,
+            g = shared.global.clone().acquire_owned() => g.expect("global semaphore is never closed"),
         };
-        if wait.is_zero() {
-            continue;
+        if probe {
+            tracing::info!(destination = %lane.lane.resource_id, "circuit breaker half-open: sending a probe");
         }
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = wake.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
+        tracker.spawn(send_batch(
+            lane.clone(),
+            shared.clone(),
+            claimed,
+            probe,
+            (slot, global),
+        ));
+    }
+}
+
+/// Dead-letters a waiting lane's records that are past `max_record_age`.
+async fn expire_waiting(lane: &Arc<LaneState>, shared: &Arc<Shared>) {
+    let max_age = shared.policy.max_record_age;
+    let before = now_ms() - max_age.as_millis() as i64;
+    match shared
+        .journal
+        .claim_expired(&lane.lane, before, 512, shared.policy.lease)
+        .await
+    {
+        Ok(expired) if !expired.is_empty() => {
+            let outcomes = expired
+                .into_iter()
+                .map(|r| {
+                    let e = expired_error(max_age, r.attempts);
+                    let o = dead(&r, r.attempts, e);
+                    (r, o)
+                })
+                .collect();
+            let _ = shared
+                .done
+                .send(Done {
+                    lane: lane.clone(),
+                    outcomes,
+                })
+                .await;
         }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot look for expired records"),
+    }
+}
+
+fn expired_error(max_age: Duration, attempts: u32) -> DeliveryError {
+    DeliveryError::permanent(
+        ErrorLabel::RecordExpired,
+        format!(
+            "record is older than delivery.max_record_age ({}) after {attempts} attempts",
+            humantime::format_duration(max_age)
+        ),
+    )
+}
+
+fn dead(record: &Claimed, attempts: u32, e: DeliveryError) -> Outcome {
+    Outcome::Dead {
+        id: record.id.clone(),
+        token: record.token,
+        attempts,
+        error: e.full_message(),
+        label: e.label,
+    }
+}
+
+/// Sends one claimed batch and hands its outcomes to the completer.
+async fn send_batch(
+    lane: Arc<LaneState>,
+    shared: Arc<Shared>,
+    batch: Vec<Claimed>,
+    probe: bool,
+    permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+) {
+    let policy = &shared.policy;
+    let now = now_ms();
+    let mut outcomes: Vec<(Claimed, Outcome)> = Vec::with_capacity(batch.len());
+    let mut to_send: Vec<Claimed> = Vec::with_capacity(batch.len());
+    for record in batch {
+        let age_limit = record.age_from_ms + policy.max_record_age.as_millis() as i64;
+        if now > age_limit {
+            let o = dead(
+                &record,
+                record.attempts,
+                expired_error(policy.max_record_age, record.attempts),
+            );
+            outcomes.push((record, o));
+        } else {
+            to_send.push(record);
+        }
+    }
+    let key = &lane.lane;
+    if let Some(destination) = &lane.destination {
+        if !to_send.is_empty() {
+            sent(&lane, &shared, destination, to_send, probe, &mut outcomes).await;
+        }
+    } else {
+        for record in to_send {
+            let e = DeliveryError::permanent(
+                ErrorLabel::NotFound,
+                format!(
+                    "{} `{}` is no longer defined in the configuration",
+                    key.kind.id_field(),
+                    key.resource_id
+                ),
+            );
+            let o = dead(&record, record.attempts, e);
+            outcomes.push((record, o));
+        }
+    }
+    // The slots are free as soon as the send is over; the outcomes are
+    // written by the completer.
+    drop(permits);
+    for (record, _) in &mut outcomes {
+        record.body = String::new();
+    }
+    let _ = shared
+        .done
+        .send(Done {
+            lane: lane.clone(),
+            outcomes,
+        })
+        .await;
+}
+
+/// One attempt for each record of `batch`; pushes one outcome per record.
+async fn sent(
+    lane: &LaneState,
+    shared: &Shared,
+    destination: &Arc<dyn Destination>,
+    batch: Vec<Claimed>,
+    probe: bool,
+    outcomes: &mut Vec<(Claimed, Outcome)>,
+) {
+    let policy = &shared.policy;
+    let key = &lane.lane;
+    let outgoing: Vec<OutgoingRecord> = batch
+        .iter()
+        .map(|r| OutgoingRecord {
+            id: r.id.clone(),
+            fn_call_id: r.fn_call_id.clone(),
+            function_id: r.function_id.clone(),
+            destination_type: r.destination_type,
+            kind: r.target.kind,
+            resource_id: r.target.resource_id.clone(),
+            channel_id: r.target.channel_id.clone(),
+            body: Bytes::from(r.body.clone()),
+            attempt: r.attempts + 1,
+        })
+        .collect();
+    let results =
+        match tokio::time::timeout(policy.attempt_timeout, destination.send_batch(&outgoing)).await
+        {
+            Ok(r) if r.len() == outgoing.len() => r,
+            Ok(r) => {
+                // A backend bug; never guess which records made it.
+                let e = DeliveryError::retry(
+                    ErrorLabel::Other,
+                    format!(
+                        "backend answered {} results for {} records",
+                        r.len(),
+                        outgoing.len()
+                    ),
+                );
+                outgoing.iter().map(|_| Err(e.replicate())).collect()
+            }
+            Err(_) => {
+                let e = DeliveryError::retry(
+                    ErrorLabel::Timeout,
+                    format!(
+                        "no confirmation within delivery.attempt_timeout ({})",
+                        humantime::format_duration(policy.attempt_timeout)
+                    ),
+                );
+                outgoing.iter().map(|_| Err(e.replicate())).collect()
+            }
+        };
+    drop(outgoing);
+
+    let before = lane.breaker.state();
+    let mut any_ok = false;
+    let mut send_failed = false;
+    let mut unavailable: Option<Option<Duration>> = None;
+    let now = now_ms();
+    for (record, result) in batch.into_iter().zip(results) {
+        let attempt = record.attempts + 1;
+        let outcome = match result {
+            Ok(()) => {
+                any_ok = true;
+                shared
+                    .metrics
+                    .attempt(key.kind, &key.resource_id, "success", None);
+                Outcome::Delivered {
+                    id: record.id.clone(),
+                    token: record.token,
+                    attempts: attempt,
+                }
+            }
+            Err(e) => match e.scope() {
+                Scope::Destination { after } => {
+                    // Not the record's failure: no attempt used; the lane
+                    // waits for the breaker.
+                    unavailable = Some(unavailable.flatten().or(after));
+                    shared.metrics.attempt(
+                        key.kind,
+                        &key.resource_id,
+                        "unavailable",
+                        Some(e.label),
+                    );
+                    tracing::debug!(record_id = %record.id, error = %e.full_message(), "destination unavailable; the record waits");
+                    Outcome::Release {
+                        id: record.id.clone(),
+                        token: record.token,
+                        next_attempt_at_ms: now,
+                    }
+                }
+                Scope::Send { after } => {
+                    send_failed = true;
+                    shared
+                        .metrics
+                        .attempt(key.kind, &key.resource_id, "retry", Some(e.label));
+                    if attempt >= policy.max_attempts {
+                        dead(&record, attempt, e)
+                    } else {
+                        retry(&record, attempt, after, e, policy)
+                    }
+                }
+                Scope::Record => {
+                    shared
+                        .metrics
+                        .attempt(key.kind, &key.resource_id, "permanent", Some(e.label));
+                    dead(&record, attempt, e)
+                }
+            },
+        };
+        outcomes.push((record, outcome));
+    }
+    let t = tokio::time::Instant::now();
+    if let Some(after) = unavailable {
+        lane.breaker.on_failure(t);
+        if let Some(pause) = after {
+            lane.breaker.hold(t, pause.min(policy.max_backoff));
+        }
+    } else if send_failed && !any_ok {
+        lane.breaker.on_failure(t);
+    } else {
+        // Delivered, or answered (even refusing a record): it is up.
+        lane.breaker.on_success();
+    }
+    let after = lane.breaker.state();
+    if before != after || probe {
+        shared
+            .metrics
+            .breaker_state(key.kind, &key.resource_id, after.code());
+        match (before, after) {
+            (_, breaker::State::Open) if before != after => {
+                tracing::warn!(destination = %key.resource_id, "circuit breaker opened: destination keeps failing; records wait in the journal")
+            }
+            (_, breaker::State::Closed) if before != after => {
+                tracing::info!(destination = %key.resource_id, "circuit breaker closed: destination is back")
+            }
+            _ => {}
+        }
+    }
+}
+
+fn retry(
+    record: &Claimed,
+    attempts: u32,
+    hint: Option<Duration>,
+    e: DeliveryError,
+    policy: &DeliveryConfig,
+) -> Outcome {
+    let delay = backoff::delay(
+        attempts,
+        policy.initial_backoff,
+        policy.max_backoff,
+        hint,
+        fastrand::f64(),
+    );
+    let age_limit = record.age_from_ms + policy.max_record_age.as_millis() as i64;
+    // Come back no later than the expiry, so an expired record is
+    // dead-lettered on time instead of after a long backoff.
+    let next = (now_ms() + delay.as_millis() as i64).min(age_limit + 1);
+    tracing::debug!(record_id = %record.id, attempt = attempts, error = %e.full_message(), retry_in_ms = next - now_ms(), "delivery attempt failed; will retry");
+    Outcome::Retry {
+        id: record.id.clone(),
+        token: record.token,
+        attempts,
+        next_attempt_at_ms: next,
+        error: e.full_message(),
+    }
+}
+
+/// Writes outcomes in batches; counts and logs each final outcome once the
+/// journal has it, and only for records whose row it changed.
+async fn completer(
+    mut rx: mpsc::Receiver<Done>,
+    journal: Arc<dyn Journal>,
+    metrics: Arc<Metrics>,
+    lanes: Arc<HashMap<Lane, Arc<LaneState>>>,
+) {
+    let mut group: Vec<Done> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut n = first.outcomes.len();
+        group.push(first);
+        while n < MAX_OUTCOMES_PER_COMMIT {
+            match rx.try_recv() {
+                Ok(more) => {
+                    n += more.outcomes.len();
+                    group.push(more);
+                }
+                Err(_) => break,
+            }
+        }
+        let outcomes: Vec<Outcome> = group
+            .iter()
+            .flat_map(|d| d.outcomes.iter().map(|(_, o)| o.clone()))
+            .collect();
+        let applied = match journal.complete(outcomes).await {
+            Ok(applied) => applied,
+            Err(e) => {
+                // The leases ended: these records are due again and will be
+                // delivered again (same id), never lost.
+                tracing::error!(records = n, error = %e, "cannot record delivery outcomes in the journal; the records will be sent again");
+                for d in group.drain(..) {
+                    d.lane.wake.notify_one();
+                }
+                continue;
+            }
+        };
+        let mut applied = applied.into_iter();
+        for done in group.drain(..) {
+            let mut wake = false;
+            for (record, outcome) in &done.outcomes {
+                if !applied.next().unwrap_or(false) {
+                    continue;
+                }
+                wake |= report(&metrics, record, outcome);
+            }
+            if wake {
+                done.lane.wake.notify_one();
+            }
+        }
+    }
+    // Every lane and batch has stopped.
+    drop(lanes);
+}
+
+/// Counts and logs one written outcome; true when the record is due again.
+fn report(metrics: &Metrics, record: &Claimed, outcome: &Outcome) -> bool {
+    let target = &record.target;
+    match outcome {
+        Outcome::Delivered { attempts, .. } => {
+            metrics.delivery(
+                record.destination_type,
+                target.kind,
+                &target.resource_id,
+                None,
+            );
+            let seconds = (now_ms() - record.accepted_at_ms).max(0) as f64 / 1000.0;
+            metrics.latency(target.kind, &target.resource_id, seconds);
+            tracing::info!(
+                record_id = %record.id,
+                fn_call_id = %record.fn_call_id,
+                destination = %format!("{}:{}", target.kind.as_str(), target.resource_id),
+                destination_type = record.destination_type.lower(),
+                attempts,
+                "invocation record delivered"
+            );
+            false
+        }
+        Outcome::Dead {
+            attempts,
+            error,
+            label,
+            ..
+        } => {
+            metrics.delivery(
+                record.destination_type,
+                target.kind,
+                &target.resource_id,
+                Some(*label),
+            );
+            tracing::warn!(
+                record_id = %record.id,
+                fn_call_id = %record.fn_call_id,
+                destination = %format!("{}:{}", target.kind.as_str(), target.resource_id),
+                attempts,
+                error_message = label.as_str(),
+                "Invocation record delivery to {} destination failed due to - {}: {}",
+                record.destination_type.lower(),
+                label,
+                error
+            );
+            false
+        }
+        Outcome::Retry { .. } | Outcome::Release { .. } => true,
     }
 }
 
@@ -158,262 +686,12 @@ async fn prune_loop(journal: Arc<dyn Journal>, retention: Duration, cancel: Canc
             Ok(n) => tracing::info!(records = n, "pruned delivered records past retention"),
             Err(e) => tracing::warn!(error = %e, "journal pruning failed"),
         }
+        if let Err(e) = journal.resync().await {
+            tracing::warn!(error = %e, "cannot recount the journal gauges");
+        }
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(PRUNE_EVERY) => {}
-        }
-    }
-}
-
-async fn worker(
-    shared: Arc<Shared>,
-    rx: Arc<Mutex<mpsc::Receiver<Claimed>>>,
-    cancel: CancellationToken,
-) {
-    loop {
-        let next = { rx.lock().await.recv().await };
-        let Some(record) = next else { return };
-        let outcome = if cancel.is_cancelled() {
-            // Shutting down: not attempted, back to pending as it was.
-            Outcome::Release {
-                id: record.id.clone(),
-                next_attempt_at_ms: now_ms(),
-            }
-        } else {
-            shared.handle(&record).await
-        };
-        shared.record(&record, outcome).await;
-    }
-}
-
-/// A final or intermediate result with what metrics and logs need.
-enum Verdict {
-    Delivered,
-    Retry(DeliveryError),
-    Dead(DeliveryError),
-}
-
-impl Shared {
-    async fn handle(&self, record: &Claimed) -> Outcome {
-        let now = now_ms();
-        let target = &record.target;
-        let attempts = record.attempts;
-        let age_limit = record.age_from_ms + self.policy.max_record_age.as_millis() as i64;
-        if now > age_limit {
-            let error = DeliveryError::permanent(
-                ErrorLabel::RecordExpired,
-                format!(
-                    "record is older than delivery.max_record_age ({}) after {attempts} attempts",
-                    humantime::format_duration(self.policy.max_record_age)
-                ),
-            );
-            return self.finish(record, attempts, Verdict::Dead(error));
-        }
-        let key = (target.kind, target.resource_id.clone());
-        let Some(destination) = self.registry.get(target.kind, &target.resource_id) else {
-            let error = DeliveryError::permanent(
-                ErrorLabel::NotFound,
-                format!(
-                    "{} `{}` is no longer defined in the configuration",
-                    target.kind.id_field(),
-                    target.resource_id
-                ),
-            );
-            return self.finish(record, attempts, Verdict::Dead(error));
-        };
-        let breaker = self
-            .breakers
-            .get(&key)
-            .expect("one breaker per destination");
-        match breaker.admit(tokio::time::Instant::now()) {
-            Admit::Wait(d) => {
-                self.metrics.breaker_state(
-                    target.kind,
-                    &target.resource_id,
-                    breaker.state().code(),
-                );
-                // Spread the wake-ups so a reopened destination is not hit by
-                // every waiting record at once.
-                let d = d + Duration::from_millis(fastrand::u64(0..=250));
-                return Outcome::Release {
-                    id: record.id.clone(),
-                    // Back by its expiry at the latest, to dead-letter it on time.
-                    next_attempt_at_ms: (now + d.as_millis() as i64).min(age_limit + 1),
-                };
-            }
-            Admit::Probe => {
-                self.metrics.breaker_state(
-                    target.kind,
-                    &target.resource_id,
-                    breaker.state().code(),
-                );
-                tracing::info!(destination = %target.resource_id, record_id = %record.id, "circuit breaker half-open: sending a probe");
-            }
-            Admit::Go => {}
-        }
-
-        let attempt = attempts + 1;
-        let outgoing = OutgoingRecord {
-            id: record.id.clone(),
-            fn_call_id: record.fn_call_id.clone(),
-            function_id: record.function_id.clone(),
-            destination_type: record.destination_type,
-            kind: target.kind,
-            resource_id: target.resource_id.clone(),
-            channel_id: target.channel_id.clone(),
-            body: Bytes::from(record.body.clone()),
-            attempt,
-        };
-        let result =
-            match tokio::time::timeout(self.policy.attempt_timeout, destination.send(&outgoing))
-                .await
-            {
-                Ok(r) => r,
-                Err(_) => Err(DeliveryError::retry(
-                    ErrorLabel::Timeout,
-                    format!(
-                        "no confirmation within delivery.attempt_timeout ({})",
-                        humantime::format_duration(self.policy.attempt_timeout)
-                    ),
-                )),
-            };
-        let before = breaker.state();
-        let verdict = match result {
-            Ok(()) => {
-                breaker.on_success();
-                self.metrics
-                    .attempt(target.kind, &target.resource_id, "success", None);
-                Verdict::Delivered
-            }
-            Err(e) if e.is_retryable() => {
-                breaker.on_failure(tokio::time::Instant::now());
-                self.metrics
-                    .attempt(target.kind, &target.resource_id, "retry", Some(e.label));
-                if attempt >= self.policy.max_attempts {
-                    Verdict::Dead(e)
-                } else {
-                    Verdict::Retry(e)
-                }
-            }
-            Err(e) => {
-                // The destination answered: it is up, this record is bad.
-                breaker.on_success();
-                self.metrics
-                    .attempt(target.kind, &target.resource_id, "permanent", Some(e.label));
-                Verdict::Dead(e)
-            }
-        };
-        let after = breaker.state();
-        if before != after {
-            self.metrics
-                .breaker_state(target.kind, &target.resource_id, after.code());
-            match after {
-                breaker::State::Open => {
-                    tracing::warn!(destination = %target.resource_id, "circuit breaker opened: destination keeps failing; records wait in the journal")
-                }
-                breaker::State::Closed => {
-                    tracing::info!(destination = %target.resource_id, "circuit breaker closed: destination is back")
-                }
-                breaker::State::HalfOpen => {}
-            }
-        }
-        self.finish(record, attempt, verdict)
-    }
-
-    fn finish(&self, record: &Claimed, attempts: u32, verdict: Verdict) -> Outcome {
-        match verdict {
-            Verdict::Delivered => Outcome::Delivered {
-                id: record.id.clone(),
-                attempts,
-            },
-            Verdict::Retry(e) => {
-                let hint = match e.disposition {
-                    crate::error::Disposition::Retry { after } => after,
-                    crate::error::Disposition::Permanent => None,
-                };
-                let delay = backoff::delay(
-                    attempts,
-                    self.policy.initial_backoff,
-                    self.policy.max_backoff,
-                    hint,
-                    fastrand::f64(),
-                );
-                let age_limit = record.age_from_ms + self.policy.max_record_age.as_millis() as i64;
-                // Come back no later than the expiry, so an expired record is
-                // dead-lettered on time instead of after a long backoff.
-                let next = (now_ms() + delay.as_millis() as i64).min(age_limit + 1);
-                tracing::debug!(record_id = %record.id, attempt = attempts, error = %e.full_message(), retry_in_ms = next - now_ms(), "delivery attempt failed; will retry");
-                Outcome::Retry {
-                    id: record.id.clone(),
-                    attempts,
-                    next_attempt_at_ms: next,
-                    error: e.full_message(),
-                }
-            }
-            Verdict::Dead(e) => Outcome::Dead {
-                id: record.id.clone(),
-                attempts,
-                error: e.full_message(),
-                label: e.label,
-            },
-        }
-    }
-
-    /// Writes the outcome; counts and logs it once the journal has it.
-    async fn record(&self, record: &Claimed, outcome: Outcome) {
-        let target = &record.target;
-        let result = self.journal.complete(vec![outcome.clone()]).await;
-        if let Err(e) = result {
-            // The row stays inflight and goes back to pending at the next
-            // start: delivered at least once, possibly twice, never lost.
-            tracing::error!(record_id = %record.id, error = %e, "cannot record a delivery outcome in the journal");
-            return;
-        }
-        match outcome {
-            Outcome::Delivered { attempts, .. } => {
-                self.metrics.delivery(
-                    record.destination_type,
-                    target.kind,
-                    &target.resource_id,
-                    None,
-                );
-                let seconds = (now_ms() - record.accepted_at_ms).max(0) as f64 / 1000.0;
-                self.metrics
-                    .latency(target.kind, &target.resource_id, seconds);
-                tracing::info!(
-                    record_id = %record.id,
-                    fn_call_id = %record.fn_call_id,
-                    destination = %format!("{}:{}", target.kind.as_str(), target.resource_id),
-                    destination_type = record.destination_type.lower(),
-                    attempts,
-                    "invocation record delivered"
-                );
-            }
-            Outcome::Dead {
-                attempts,
-                error,
-                label,
-                ..
-            } => {
-                self.metrics.delivery(
-                    record.destination_type,
-                    target.kind,
-                    &target.resource_id,
-                    Some(label),
-                );
-                tracing::warn!(
-                    record_id = %record.id,
-                    fn_call_id = %record.fn_call_id,
-                    destination = %format!("{}:{}", target.kind.as_str(), target.resource_id),
-                    attempts,
-                    error_message = label.as_str(),
-                    "Invocation record delivery to {} destination failed due to - {}: {}",
-                    record.destination_type.lower(),
-                    label,
-                    error
-                );
-            }
-            Outcome::Retry { .. } | Outcome::Release { .. } => self.wake.notify_one(),
         }
     }
 }

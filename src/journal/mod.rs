@@ -1,18 +1,28 @@
 //! The journal: the durable store of accepted records and their delivery
 //! state. Only this module touches the database.
 //!
-//! States: `pending` (waiting for `next_attempt_at`), `inflight` (claimed by
-//! a worker), `delivered`, `dead`, `skipped` (NONE destination). A record
-//! leaves `pending`/`inflight` only by a confirmed delivery or a dead letter.
-//! `inflight` rows go back to `pending` when the journal opens, so a crash
-//! loses nothing (at-least-once).
+//! States: `pending` (waiting for `next_attempt_at`), `delivered`, `dead`,
+//! `skipped` (NONE destination). A record leaves `pending` only by a
+//! confirmed delivery or a dead letter.
 //!
-//! The [`Journal`] trait is the seam for other stores (a PostgreSQL journal
-//! shared by replicas would claim work with `FOR UPDATE SKIP LOCKED`).
+//! Claims are leases (SPEC section 10): [`Journal::claim`] hands out a
+//! lane's due records with a claim token and a lease; an outcome is written
+//! only while its token still holds (fencing), and a record whose lease ran
+//! out is claimable again in the running process. A crash loses every lease,
+//! so everything not delivered is due again at the next start
+//! (at-least-once, never lost).
+//!
+//! The [`Journal`] trait is the seam for other stores: a PostgreSQL journal
+//! shared by replicas keeps the lease and token in the row and claims with
+//! `FOR UPDATE SKIP LOCKED` (SPEC section 11); the SQLite journal, owned by
+//! one process (an exclusive lock file), keeps leases in memory, so a claim
+//! writes nothing.
 
 mod sqlite;
 
 pub use sqlite::{SqliteJournal, now_ms};
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -80,6 +90,17 @@ pub struct Claimed {
     pub accepted_at_ms: i64,
     /// Start of the `max_record_age` window (accept, or last replay), Unix ms.
     pub age_from_ms: i64,
+    /// The claim token: outcomes are written only while it still holds.
+    pub token: u64,
+}
+
+/// A lane: the destination resource whose records are claimed together.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lane {
+    /// Kind of the resource.
+    pub kind: DestKind,
+    /// Resource id.
+    pub resource_id: String,
 }
 
 /// What happened to a claimed record.
@@ -89,6 +110,8 @@ pub enum Outcome {
     Delivered {
         /// Record id.
         id: String,
+        /// Claim token.
+        token: u64,
         /// Attempts including this one.
         attempts: u32,
     },
@@ -96,6 +119,8 @@ pub enum Outcome {
     Retry {
         /// Record id.
         id: String,
+        /// Claim token.
+        token: u64,
         /// Attempts including this one.
         attempts: u32,
         /// When.
@@ -103,11 +128,14 @@ pub enum Outcome {
         /// Error text.
         error: String,
     },
-    /// Not attempted (breaker open, shutdown): back to pending without
+    /// Not attempted, or the destination as a whole failed (breaker open,
+    /// shutdown, cannot connect): due again at `next_attempt_at_ms` without
     /// counting an attempt.
     Release {
         /// Record id.
         id: String,
+        /// Claim token.
+        token: u64,
         /// When it may be claimed again.
         next_attempt_at_ms: i64,
     },
@@ -115,6 +143,8 @@ pub enum Outcome {
     Dead {
         /// Record id.
         id: String,
+        /// Claim token.
+        token: u64,
         /// Attempts made.
         attempts: u32,
         /// Error text.
@@ -152,10 +182,10 @@ pub struct DeadLetter {
     pub record: serde_json::Value,
 }
 
-/// Gauges refreshed at scrape time.
+/// Gauges, read without scanning the backlog.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// Records waiting for delivery (pending + inflight).
+    /// Records waiting for delivery.
     pub pending: u64,
     /// Accept time of the oldest of them, Unix ms.
     pub oldest_pending_ms: Option<i64>,
@@ -169,8 +199,18 @@ pub struct Stats {
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     /// The database reported an error.
-    #[error("journal database error")]
+    #[error("journal database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// Another process holds the journal.
+    #[error(
+        "journal {path} is in use by another fnrelay process (lock file {lock} is held); two processes on one journal would deliver every record twice"
+    )]
+    Locked {
+        /// Database path.
+        path: String,
+        /// Lock file.
+        lock: String,
+    },
     /// Opening the file or its directory failed.
     #[error("cannot open journal at {path}")]
     Open {
@@ -180,8 +220,9 @@ pub enum JournalError {
         #[source]
         source: std::io::Error,
     },
-    /// The transaction holding this command failed to commit.
-    #[error("journal commit failed: {0}")]
+    /// The transaction holding this command failed to commit, or was rolled
+    /// back: nothing of this command was written.
+    #[error("journal commit failed, nothing was written: {0}")]
     Commit(String),
     /// The journal's writer thread has stopped.
     #[error("journal is closed")]
@@ -195,15 +236,40 @@ pub trait Journal: Send + Sync + 'static {
     /// once the batch is durable, one [`Appended`] per input in order.
     async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, JournalError>;
 
-    /// Claims up to `limit` pending records due at `now_ms`, oldest due first,
-    /// and marks them inflight.
-    async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Vec<Claimed>, JournalError>;
+    /// Claims up to `limit` of a lane's records due at `now_ms` (oldest due
+    /// first) for `lease`: until the lease ends nobody else claims them.
+    async fn claim(
+        &self,
+        lane: &Lane,
+        now_ms: i64,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>, JournalError>;
 
-    /// The earliest `next_attempt_at` of pending records.
-    async fn next_due(&self) -> Result<Option<i64>, JournalError>;
+    /// Claims up to `limit` of a lane's records whose `max_record_age`
+    /// window started before `age_from_before_ms`, due or not (to
+    /// dead-letter them on time while the lane's breaker is open).
+    async fn claim_expired(
+        &self,
+        lane: &Lane,
+        age_from_before_ms: i64,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>, JournalError>;
 
-    /// Records outcomes.
-    async fn complete(&self, outcomes: Vec<Outcome>) -> Result<(), JournalError>;
+    /// The lanes that have records waiting (to find records whose resource
+    /// left the configuration).
+    async fn pending_lanes(&self) -> Result<Vec<Lane>, JournalError>;
+
+    /// When the lane's next record becomes claimable (due, or its lease
+    /// ends), if it has any.
+    async fn next_due(&self, lane: &Lane) -> Result<Option<i64>, JournalError>;
+
+    /// Records outcomes in one transaction. An outcome whose claim token no
+    /// longer holds (its lease ended and the record was claimed again) is
+    /// not written. Returns, per outcome, whether it changed the record, so
+    /// each final outcome is counted once. The leases end either way.
+    async fn complete(&self, outcomes: Vec<Outcome>) -> Result<Vec<bool>, JournalError>;
 
     /// Dead letters, oldest first, after the given id.
     async fn list_dead(
@@ -227,5 +293,31 @@ pub trait Journal: Send + Sync + 'static {
     async fn check_writable(&self) -> Result<(), JournalError>;
 
     /// Records waiting for delivery, kept in memory for the high-water check.
+    /// Moves only with committed transactions.
     fn pending(&self) -> u64;
+
+    /// Recounts the in-memory gauges from the database.
+    async fn resync(&self) -> Result<(), JournalError>;
+}
+
+impl Outcome {
+    /// The record id.
+    pub fn id(&self) -> &str {
+        match self {
+            Outcome::Delivered { id, .. }
+            | Outcome::Retry { id, .. }
+            | Outcome::Release { id, .. }
+            | Outcome::Dead { id, .. } => id,
+        }
+    }
+
+    /// The claim token it was made under.
+    pub fn token(&self) -> u64 {
+        match self {
+            Outcome::Delivered { token, .. }
+            | Outcome::Retry { token, .. }
+            | Outcome::Release { token, .. }
+            | Outcome::Dead { token, .. } => *token,
+        }
+    }
 }

@@ -1,23 +1,34 @@
 //! The SQLite journal: one file in WAL mode with `synchronous = FULL`, owned
-//! by one writer thread that does group commit.
+//! by one process (an exclusive lock on `<path>.lock`) and by one writer
+//! thread in it that does group commit.
 //!
-//! Every call is a command sent to the thread. The thread takes the first
+//! Every write is a command sent to the thread. The thread takes the first
 //! command, drains whatever else is queued (up to `max_group_commit`), runs
 //! them all in one transaction (each in its own savepoint, so one failing
 //! command does not undo the others), commits with one fsync, and only then
-//! answers each caller. Nobody hears "durable" before the commit.
+//! answers each caller. Nobody hears "durable" before the commit. When SQLite
+//! rolls the whole transaction back itself (a full disk, an I/O error), every
+//! command of that transaction is told so and no later command runs in it.
+//!
+//! Reads (claims, due times, dead letters, gauges) use a second connection,
+//! so they never wait behind the writer's fsyncs. Claims are leases kept in
+//! memory: a claim writes nothing, and one outcome write per record (batched
+//! with others) ends it. The in-memory gauges move only when a commit
+//! succeeded and are recounted from the database by [`Journal::resync`].
 
+use std::collections::HashMap;
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::{Connection, Transaction, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    Appended, Claimed, DeadLetter, Journal, JournalError, NewRecord, Outcome, Stats, Target,
+    Appended, Claimed, DeadLetter, Journal, JournalError, Lane, NewRecord, Outcome, Stats, Target,
 };
 use crate::record::{DestKind, DestinationType, format_timestamp};
 
@@ -43,27 +54,111 @@ CREATE TABLE IF NOT EXISTS records (
     error_label      TEXT
 );
 CREATE INDEX IF NOT EXISTS records_state_time ON records (state, next_attempt_at);
+-- A lane's due records, oldest due first; only the backlog is indexed.
+CREATE INDEX IF NOT EXISTS records_lane_due ON records (kind, resource_id, next_attempt_at)
+    WHERE state = 'pending';
+-- The oldest pending record, for the gauge, without a scan.
+CREATE INDEX IF NOT EXISTS records_pending_age ON records (accepted_at) WHERE state = 'pending';
 ";
 
-type Reply = Box<dyn FnOnce(Option<&str>) + Send>;
-type Job = Box<dyn FnOnce(&Transaction<'_>, &Counters) -> Reply + Send>;
-type Tx = Connection;
+/// Changes to the in-memory gauges, applied only after the commit.
+#[derive(Default)]
+struct Delta {
+    pending: i64,
+    dead: i64,
+    /// Absolute values from a recount.
+    set: Option<(u64, u64)>,
+}
+
+type Reply = Box<dyn FnOnce(Option<&str>, &Shared) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> Reply + Send>;
+
+struct Lease {
+    token: u64,
+    until_ms: i64,
+    lane: Lane,
+}
 
 #[derive(Default)]
-struct Counters {
+struct Leases {
+    by_id: HashMap<String, Lease>,
+    per_lane: HashMap<Lane, usize>,
+}
+
+impl Leases {
+    fn live(&self, id: &str, now_ms: i64) -> bool {
+        self.by_id.get(id).is_some_and(|l| l.until_ms > now_ms)
+    }
+
+    fn insert(&mut self, id: String, lease: Lease) {
+        let lane = lease.lane.clone();
+        if self.by_id.insert(id, lease).is_none() {
+            *self.per_lane.entry(lane).or_default() += 1;
+        }
+    }
+
+    /// Ends the lease if `token` still holds it.
+    fn end(&mut self, id: &str, token: u64) {
+        if self.by_id.get(id).is_some_and(|l| l.token == token) {
+            let lease = self.by_id.remove(id).expect("present");
+            if let Some(n) = self.per_lane.get_mut(&lease.lane) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_lane.remove(&lease.lane);
+                }
+            }
+        }
+    }
+
+    fn held(&self, lane: &Lane) -> usize {
+        self.per_lane.get(lane).copied().unwrap_or(0)
+    }
+}
+
+struct Shared {
     pending: AtomicU64,
+    dead: AtomicU64,
+    next_token: AtomicU64,
+    leases: Mutex<Leases>,
+}
+
+impl Shared {
+    fn apply(&self, d: Delta) {
+        if let Some((pending, dead)) = d.set {
+            self.pending.store(pending, Ordering::Relaxed);
+            self.dead.store(dead, Ordering::Relaxed);
+        }
+        let add = |c: &AtomicU64, by: i64| {
+            let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_add_signed(by))
+            });
+        };
+        add(&self.pending, d.pending);
+        add(&self.dead, d.dead);
+    }
+
+    fn leases(&self) -> std::sync::MutexGuard<'_, Leases> {
+        self.leases.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// The SQLite journal. Cheap to share behind an `Arc`.
 pub struct SqliteJournal {
     tx: mpsc::Sender<Job>,
-    counters: Arc<Counters>,
+    shared: Arc<Shared>,
+    reader: Arc<Mutex<Connection>>,
     path: PathBuf,
+    /// Held for the life of the journal: the exclusive lock.
+    _lock: File,
 }
 
+const COLUMNS: &str =
+    "id, fn_call_id, function_id, destination_type, kind, resource_id, channel_id,
+     body, attempts, accepted_at, age_from";
+
 impl SqliteJournal {
-    /// Opens (or creates) the journal and starts its writer thread. Records
-    /// left `inflight` by a previous process go back to `pending`.
+    /// Opens (or creates) the journal and starts its writer thread. Fails
+    /// with [`JournalError::Locked`] when another process has it open.
     pub fn open(path: &Path, max_group_commit: usize) -> Result<Self, JournalError> {
         let open_err = |source| JournalError::Open {
             path: path.display().to_string(),
@@ -72,11 +167,42 @@ impl SqliteJournal {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(open_err)?;
         }
+        let lock_path = {
+            let mut p = path.as_os_str().to_owned();
+            p.push(".lock");
+            PathBuf::from(p)
+        };
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| JournalError::Open {
+                path: lock_path.display().to_string(),
+                source,
+            })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(JournalError::Locked {
+                    path: path.display().to_string(),
+                    lock: lock_path.display().to_string(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(JournalError::Open {
+                    path: lock_path.display().to_string(),
+                    source,
+                });
+            }
+        }
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "busy_timeout", 5000)?;
+        conn.set_prepared_statement_cache_capacity(64);
         conn.execute_batch(SCHEMA)?;
+        // Journals written before leases kept claims in the row.
         let reset = conn.execute(
             "UPDATE records SET state = 'pending' WHERE state = 'inflight'",
             [],
@@ -87,95 +213,197 @@ impl SqliteJournal {
                 "records claimed before the last stop are pending again"
             );
         }
-        let pending: i64 = conn.query_row(
-            "SELECT count(*) FROM records WHERE state IN ('pending', 'inflight')",
-            [],
-            |r| r.get(0),
-        )?;
-        let pending = pending as u64;
-        let counters = Arc::new(Counters {
+        let (pending, dead) = count(&conn)?;
+        let shared = Arc::new(Shared {
             pending: AtomicU64::new(pending),
+            dead: AtomicU64::new(dead),
+            next_token: AtomicU64::new(1),
+            leases: Mutex::new(Leases::default()),
         });
+        let reader = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        reader.pragma_update(None, "busy_timeout", 5000)?;
+        reader.set_prepared_statement_cache_capacity(64);
         let (tx, rx) = mpsc::channel::<Job>();
-        let thread_counters = counters.clone();
+        let thread_shared = shared.clone();
         std::thread::Builder::new()
             .name("fnrelay-journal".into())
-            .spawn(move || writer(conn, rx, thread_counters, max_group_commit.max(1)))
+            .spawn(move || writer(conn, rx, thread_shared, max_group_commit.max(1)))
             .map_err(open_err)?;
         Ok(Self {
             tx,
-            counters,
+            shared,
+            reader: Arc::new(Mutex::new(reader)),
             path: path.to_path_buf(),
+            _lock: lock,
         })
     }
 
-    /// Runs `f` in the next group-commit transaction and waits for the commit.
+    /// Runs `f` in the next group-commit transaction and waits for the
+    /// commit; its [`Delta`] reaches the gauges only if the commit succeeded.
     async fn run<T, F>(&self, f: F) -> Result<T, JournalError>
     where
         T: Send + 'static,
-        F: FnOnce(&Tx, &Counters) -> rusqlite::Result<T> + Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<(T, Delta)> + Send + 'static,
     {
         let (done, wait) = oneshot::channel::<Result<T, JournalError>>();
-        let job: Job = Box::new(move |tx, counters| {
-            let result = tx
+        let job: Job = Box::new(move |conn| {
+            let result = conn
                 .execute_batch("SAVEPOINT cmd")
-                .and_then(|()| match f(tx, counters) {
-                    Ok(v) => tx.execute_batch("RELEASE cmd").map(|()| v),
+                .and_then(|()| match f(conn) {
+                    Ok(v) => conn.execute_batch("RELEASE cmd").map(|()| v),
                     Err(e) => {
-                        tx.execute_batch("ROLLBACK TO cmd; RELEASE cmd")?;
+                        // Fails too when SQLite already rolled everything
+                        // back; the writer sees that and ends the group.
+                        let _ = conn.execute_batch("ROLLBACK TO cmd; RELEASE cmd");
                         Err(e)
                     }
                 });
-            Box::new(move |commit_error: Option<&str>| {
+            Box::new(move |commit_error: Option<&str>, shared: &Shared| {
                 let answer = match (result, commit_error) {
                     (Err(e), _) => Err(JournalError::Sqlite(e)),
                     (Ok(_), Some(msg)) => Err(JournalError::Commit(msg.to_string())),
-                    (Ok(v), None) => Ok(v),
+                    (Ok((v, delta)), None) => {
+                        shared.apply(delta);
+                        Ok(v)
+                    }
                 };
                 let _ = done.send(answer);
             })
         });
         self.tx.send(job).map_err(|_| JournalError::Closed)?;
-        wait.await.map_err(|_| JournalError::Closed)?
+        wait.await.map_err(|_| {
+            JournalError::Commit("the journal could not begin a transaction (see the log)".into())
+        })?
+    }
+
+    /// Runs `f` on the read connection, off the async threads.
+    async fn read<T, F>(&self, f: F) -> Result<T, JournalError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &Shared) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let reader = self.reader.clone();
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|e| e.into_inner());
+            f(&conn, &shared)
+        })
+        .await
+        .map_err(|_| JournalError::Closed)?
+        .map_err(JournalError::Sqlite)
+    }
+
+    /// Claims rows chosen by `select` (rowid, id; ordered), skipping live leases.
+    async fn claim_where(
+        &self,
+        lane: &Lane,
+        select: &'static str,
+        bound: i64,
+        now_ms: i64,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>, JournalError> {
+        let lane = lane.clone();
+        let until_ms = now_ms.saturating_add(lease.as_millis() as i64);
+        self.read(move |conn, shared| {
+            let mut leases = shared.leases();
+            let scan = limit + leases.held(&lane);
+            let mut ids = conn.prepare_cached(select)?;
+            let rows = ids
+                .query_map(
+                    params![lane.kind.as_str(), lane.resource_id, bound, scan as i64],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut fetch =
+                conn.prepare_cached(&format!("SELECT {COLUMNS} FROM records WHERE rowid = ?1"))?;
+            let mut out = Vec::with_capacity(limit.min(rows.len()));
+            for (rowid, id) in rows {
+                if out.len() == limit {
+                    break;
+                }
+                if leases.live(&id, now_ms) {
+                    continue;
+                }
+                let Some(mut claimed) = fetch.query_row([rowid], row_to_claimed).optional()? else {
+                    continue;
+                };
+                claimed.token = shared.next_token.fetch_add(1, Ordering::Relaxed);
+                leases.insert(
+                    id,
+                    Lease {
+                        token: claimed.token,
+                        until_ms,
+                        lane: lane.clone(),
+                    },
+                );
+                out.push(claimed);
+            }
+            Ok(out)
+        })
+        .await
     }
 }
 
-fn writer(
-    mut conn: Connection,
-    rx: mpsc::Receiver<Job>,
-    counters: Arc<Counters>,
-    max_group: usize,
-) {
+fn count(conn: &Connection) -> rusqlite::Result<(u64, u64)> {
+    let pending: i64 = conn.query_row(
+        "SELECT count(*) FROM records WHERE state = 'pending'",
+        [],
+        |r| r.get(0),
+    )?;
+    let dead: i64 = conn.query_row(
+        "SELECT count(*) FROM records WHERE state = 'dead'",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok((pending as u64, dead as u64))
+}
+
+fn writer(conn: Connection, rx: mpsc::Receiver<Job>, shared: Arc<Shared>, max_group: usize) {
     let mut replies: Vec<Reply> = Vec::new();
     while let Ok(first) = rx.recv() {
-        let tx = match conn.transaction() {
-            Ok(tx) => tx,
-            Err(e) => {
-                // Dropping the job drops its reply channel: the caller gets
-                // `JournalError::Closed` and nothing was written.
-                tracing::error!(error = %e, "journal cannot begin a transaction");
-                drop(first);
-                continue;
-            }
-        };
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            // Dropping the job drops its reply channel: the caller hears that
+            // nothing was written.
+            tracing::error!(error = %e, "journal cannot begin a transaction");
+            drop(first);
+            continue;
+        }
         let mut next = Some(first);
         let mut n = 0;
+        let mut rolled_back = false;
         while let Some(job) = next {
-            replies.push(job(&tx, &counters));
+            replies.push(job(&conn));
             n += 1;
+            if conn.is_autocommit() {
+                // SQLite ended the transaction itself (SQLITE_FULL, IOERR...):
+                // everything this group wrote is gone. Do not let the next
+                // command open a transaction of its own.
+                rolled_back = true;
+                break;
+            }
             next = if n < max_group {
                 rx.try_recv().ok()
             } else {
                 None
             };
         }
-        let commit = tx.commit();
-        let err = commit.as_ref().err().map(|e| {
-            tracing::error!(error = %e, "journal commit failed");
-            e.to_string()
-        });
+        let err = if rolled_back {
+            let msg = "SQLite rolled the group-commit transaction back after an error in one of its commands (see the journal error logged with it)";
+            tracing::error!("journal transaction rolled back; {n} commands not written");
+            Some(msg.to_string())
+        } else {
+            conn.execute_batch("COMMIT").err().map(|e| {
+                tracing::error!(error = %e, "journal commit failed");
+                let _ = conn.execute_batch("ROLLBACK");
+                e.to_string()
+            })
+        };
         for reply in replies.drain(..) {
-            reply(err.as_deref());
+            reply(err.as_deref(), &shared);
         }
     }
 }
@@ -200,13 +428,14 @@ fn row_to_claimed(r: &rusqlite::Row<'_>) -> rusqlite::Result<Claimed> {
         attempts: r.get(8)?,
         accepted_at_ms: r.get(9)?,
         age_from_ms: r.get(10)?,
+        token: 0,
     })
 }
 
 #[async_trait]
 impl Journal for SqliteJournal {
     async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, JournalError> {
-        self.run(move |tx, counters| {
+        self.run(move |tx| {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO records (id, fn_call_id, function_id, destination_type, kind, resource_id,
                      channel_id, body, state, accepted_at, age_from, next_attempt_at)
@@ -215,7 +444,7 @@ impl Journal for SqliteJournal {
             )?;
             let mut existing = tx.prepare_cached("SELECT id FROM records WHERE fn_call_id = ?1")?;
             let mut out = Vec::with_capacity(records.len());
-            let mut added = 0u64;
+            let mut added = 0i64;
             for r in records {
                 let (kind, resource, channel, state) = match &r.target {
                     Some(t) => (
@@ -252,103 +481,212 @@ impl Journal for SqliteJournal {
                     out.push(Appended { id, existing: true });
                 }
             }
-            // Counted before commit; a failed commit over-counts until restart,
-            // which only makes the high-water check stricter.
-            counters.pending.fetch_add(added, Ordering::Relaxed);
-            Ok(out)
+            Ok((
+                out,
+                Delta {
+                    pending: added,
+                    ..Delta::default()
+                },
+            ))
         })
         .await
     }
 
-    async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Vec<Claimed>, JournalError> {
-        self.run(move |tx, _| {
-            let mut stmt = tx.prepare_cached(
-                "UPDATE records SET state = 'inflight'
-                 WHERE id IN (SELECT id FROM records WHERE state = 'pending' AND next_attempt_at <= ?1
-                              ORDER BY next_attempt_at LIMIT ?2)
-                 RETURNING id, fn_call_id, function_id, destination_type, kind, resource_id, channel_id,
-                           body, attempts, accepted_at, age_from",
+    async fn claim(
+        &self,
+        lane: &Lane,
+        now_ms: i64,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>, JournalError> {
+        self.claim_where(
+            lane,
+            "SELECT rowid, id FROM records INDEXED BY records_lane_due
+             WHERE kind = ?1 AND resource_id = ?2 AND state = 'pending' AND next_attempt_at <= ?3
+             ORDER BY next_attempt_at LIMIT ?4",
+            now_ms,
+            now_ms,
+            limit,
+            lease,
+        )
+        .await
+    }
+
+    async fn claim_expired(
+        &self,
+        lane: &Lane,
+        age_from_before_ms: i64,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>, JournalError> {
+        self.claim_where(
+            lane,
+            "SELECT rowid, id FROM records INDEXED BY records_lane_due
+             WHERE kind = ?1 AND resource_id = ?2 AND state = 'pending' AND age_from < ?3
+             ORDER BY next_attempt_at LIMIT ?4",
+            age_from_before_ms,
+            now_ms(),
+            limit,
+            lease,
+        )
+        .await
+    }
+
+    async fn pending_lanes(&self) -> Result<Vec<Lane>, JournalError> {
+        self.read(|conn, _| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT DISTINCT kind, resource_id FROM records INDEXED BY records_lane_due
+                 WHERE state = 'pending'",
             )?;
-            let rows = stmt.query_map(params![now_ms, limit as i64], row_to_claimed)?;
-            let mut out: Vec<Claimed> = rows.collect::<Result<_, _>>()?;
-            // RETURNING order is unspecified; deliver the oldest due first.
-            out.sort_by(|a, b| a.id.cmp(&b.id));
-            Ok(out)
+            let rows = stmt.query_map([], |r| {
+                let kind: String = r.get(0)?;
+                Ok(Lane {
+                    kind: DestKind::parse(&kind).unwrap_or(DestKind::Queue),
+                    resource_id: r.get(1)?,
+                })
+            })?;
+            rows.collect()
         })
         .await
     }
 
-    async fn next_due(&self) -> Result<Option<i64>, JournalError> {
-        self.run(|tx, _| {
-            tx.query_row(
-                "SELECT min(next_attempt_at) FROM records WHERE state = 'pending'",
-                [],
-                |r| r.get(0),
-            )
-        })
-        .await
-    }
-
-    async fn complete(&self, outcomes: Vec<Outcome>) -> Result<(), JournalError> {
-        let now = now_ms();
-        self.run(move |tx, counters| {
-            let mut finished = 0u64;
-            for outcome in outcomes {
-                match outcome {
-                    Outcome::Delivered { id, attempts } => {
-                        // The body is at its destination; keep only what
-                        // idempotent re-posts need until retention ends.
-                        finished += tx.execute(
-                            "UPDATE records SET state = 'delivered', attempts = ?2, body = NULL,
-                                 next_attempt_at = ?3, last_error = NULL, error_label = NULL
-                             WHERE id = ?1 AND state = 'inflight'",
-                            params![id, attempts, now],
-                        )? as u64;
-                    }
-                    Outcome::Retry {
-                        id,
-                        attempts,
-                        next_attempt_at_ms,
-                        error,
-                    } => {
-                        tx.execute(
-                            "UPDATE records SET state = 'pending', attempts = ?2, next_attempt_at = ?3,
-                                 last_error = ?4
-                             WHERE id = ?1 AND state = 'inflight'",
-                            params![id, attempts, next_attempt_at_ms, error],
-                        )?;
-                    }
-                    Outcome::Release {
-                        id,
-                        next_attempt_at_ms,
-                    } => {
-                        tx.execute(
-                            "UPDATE records SET state = 'pending', next_attempt_at = ?2
-                             WHERE id = ?1 AND state = 'inflight'",
-                            params![id, next_attempt_at_ms],
-                        )?;
-                    }
-                    Outcome::Dead {
-                        id,
-                        attempts,
-                        error,
-                        label,
-                    } => {
-                        finished += tx.execute(
-                            "UPDATE records SET state = 'dead', attempts = ?2, next_attempt_at = ?3,
-                                 last_error = ?4, error_label = ?5
-                             WHERE id = ?1 AND state = 'inflight'",
-                            params![id, attempts, now, error, label.as_str()],
-                        )? as u64;
-                    }
+    async fn next_due(&self, lane: &Lane) -> Result<Option<i64>, JournalError> {
+        let lane = lane.clone();
+        self.read(move |conn, shared| {
+            let leases = shared.leases();
+            let held = leases.held(&lane);
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, next_attempt_at FROM records INDEXED BY records_lane_due
+                 WHERE kind = ?1 AND resource_id = ?2 AND state = 'pending'
+                 ORDER BY next_attempt_at LIMIT ?3",
+            )?;
+            let mut rows = stmt.query(params![
+                lane.kind.as_str(),
+                lane.resource_id,
+                held as i64 + 1
+            ])?;
+            let mut due = None;
+            while let Some(row) = rows.next()? {
+                let id: String = row.get(0)?;
+                if !leases.by_id.contains_key(&id) {
+                    due = Some(row.get::<_, i64>(1)?);
+                    break;
                 }
             }
-            let _ = counters
-                .pending
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| Some(p.saturating_sub(finished)));
-            Ok(())
+            let lease_end = leases
+                .by_id
+                .values()
+                .filter(|l| l.lane == lane)
+                .map(|l| l.until_ms)
+                .min();
+            Ok(match (due, lease_end) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            })
         })
         .await
+    }
+
+    async fn complete(&self, outcomes: Vec<Outcome>) -> Result<Vec<bool>, JournalError> {
+        let now = now_ms();
+        let ended: Vec<(String, u64)> = outcomes
+            .iter()
+            .map(|o| (o.id().to_string(), o.token()))
+            .collect();
+        // Fencing: only outcomes whose claim still holds are written.
+        let holds: Vec<bool> = {
+            let leases = self.shared.leases();
+            outcomes
+                .iter()
+                .map(|o| {
+                    leases
+                        .by_id
+                        .get(o.id())
+                        .is_some_and(|l| l.token == o.token())
+                })
+                .collect()
+        };
+        let result = self
+            .run(move |tx| {
+                let mut delta = Delta::default();
+                let mut applied = Vec::with_capacity(outcomes.len());
+                let mut delivered = tx.prepare_cached(
+                    // The body is at its destination; keep only what
+                    // idempotent re-posts need until retention ends.
+                    "UPDATE records SET state = 'delivered', attempts = ?2, body = NULL,
+                         next_attempt_at = ?3, last_error = NULL, error_label = NULL
+                     WHERE id = ?1 AND state = 'pending'",
+                )?;
+                let mut retry = tx.prepare_cached(
+                    "UPDATE records SET attempts = ?2, next_attempt_at = ?3, last_error = ?4
+                     WHERE id = ?1 AND state = 'pending'",
+                )?;
+                let mut release = tx.prepare_cached(
+                    "UPDATE records SET next_attempt_at = ?2
+                     WHERE id = ?1 AND state = 'pending' AND next_attempt_at < ?2",
+                )?;
+                let mut dead = tx.prepare_cached(
+                    "UPDATE records SET state = 'dead', attempts = ?2, next_attempt_at = ?3,
+                         last_error = ?4, error_label = ?5
+                     WHERE id = ?1 AND state = 'pending'",
+                )?;
+                for (outcome, holds) in outcomes.into_iter().zip(holds) {
+                    if !holds {
+                        applied.push(false);
+                        continue;
+                    }
+                    let changed = match outcome {
+                        Outcome::Delivered { id, attempts, .. } => {
+                            let n = delivered.execute(params![id, attempts, now])? as i64;
+                            delta.pending -= n;
+                            n == 1
+                        }
+                        Outcome::Retry {
+                            id,
+                            attempts,
+                            next_attempt_at_ms,
+                            error,
+                            ..
+                        } => retry.execute(params![id, attempts, next_attempt_at_ms, error])? == 1,
+                        Outcome::Release {
+                            id,
+                            next_attempt_at_ms,
+                            ..
+                        } => {
+                            // A release due now writes nothing: ending the
+                            // lease is enough.
+                            if next_attempt_at_ms > now {
+                                release.execute(params![id, next_attempt_at_ms])?;
+                            }
+                            true
+                        }
+                        Outcome::Dead {
+                            id,
+                            attempts,
+                            error,
+                            label,
+                            ..
+                        } => {
+                            let n =
+                                dead.execute(params![id, attempts, now, error, label.as_str()])?
+                                    as i64;
+                            delta.pending -= n;
+                            delta.dead += n;
+                            n == 1
+                        }
+                    };
+                    applied.push(changed);
+                }
+                Ok((applied, delta))
+            })
+            .await;
+        // Committed or not, these claims are over: a record whose outcome
+        // was not written is claimable again (delivered twice, never lost).
+        let mut leases = self.shared.leases();
+        for (id, token) in ended {
+            leases.end(&id, token);
+        }
+        result
     }
 
     async fn list_dead(
@@ -356,8 +694,8 @@ impl Journal for SqliteJournal {
         after: Option<String>,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, JournalError> {
-        self.run(move |tx, _| {
-            let mut stmt = tx.prepare_cached(
+        self.read(move |conn, _| {
+            let mut stmt = conn.prepare_cached(
                 "SELECT id, fn_call_id, function_id, destination_type, kind, resource_id, attempts,
                         coalesce(error_label, 'other'), coalesce(last_error, ''), accepted_at, body
                  FROM records WHERE state = 'dead' AND id > ?1 ORDER BY id LIMIT ?2",
@@ -389,7 +727,7 @@ impl Journal for SqliteJournal {
         ids: Option<Vec<String>>,
         now_ms: i64,
     ) -> Result<u64, JournalError> {
-        self.run(move |tx, counters| {
+        self.run(move |tx| {
             const SET: &str =
                 "UPDATE records SET state = 'pending', attempts = 0, next_attempt_at = ?1,
                                    age_from = ?1, error_label = NULL";
@@ -405,19 +743,25 @@ impl Journal for SqliteJournal {
                     n
                 }
             } as u64;
-            counters.pending.fetch_add(n, Ordering::Relaxed);
-            Ok(n)
+            Ok((
+                n,
+                Delta {
+                    pending: n as i64,
+                    dead: -(n as i64),
+                    set: None,
+                },
+            ))
         })
         .await
     }
 
     async fn prune(&self, before_ms: i64) -> Result<u64, JournalError> {
-        self.run(move |tx, _| {
+        self.run(move |tx| {
             let n = tx.execute(
                 "DELETE FROM records WHERE state IN ('delivered', 'skipped') AND next_attempt_at < ?1",
                 params![before_ms],
             )?;
-            Ok(n as u64)
+            Ok((n as u64, Delta::default()))
         })
         .await
     }
@@ -430,20 +774,18 @@ impl Journal for SqliteJournal {
         };
         let wal_bytes = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
         let mut stats = self
-            .run(|tx, _| {
-                let (pending, oldest): (i64, Option<i64>) = tx.query_row(
-                    "SELECT count(*), min(accepted_at) FROM records WHERE state IN ('pending', 'inflight')",
+            .read(|conn, shared| {
+                let oldest: Option<i64> = conn.query_row(
+                    "SELECT min(accepted_at) FROM records WHERE state = 'pending'",
                     [],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    |r| r.get(0),
                 )?;
-                let dead: i64 =
-                    tx.query_row("SELECT count(*) FROM records WHERE state = 'dead'", [], |r| r.get(0))?;
-                let pages: i64 = tx.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-                let page_size: i64 = tx.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+                let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+                let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
                 Ok(Stats {
-                    pending: pending as u64,
+                    pending: shared.pending.load(Ordering::Relaxed),
                     oldest_pending_ms: oldest,
-                    dead: dead as u64,
+                    dead: shared.dead.load(Ordering::Relaxed),
                     size_bytes: (pages * page_size) as u64,
                 })
             })
@@ -453,17 +795,32 @@ impl Journal for SqliteJournal {
     }
 
     async fn check_writable(&self) -> Result<(), JournalError> {
-        self.run(|tx, _| {
+        self.run(|tx| {
             tx.execute_batch(
                 "CREATE TABLE IF NOT EXISTS readiness (k INTEGER PRIMARY KEY, at INTEGER);
                  INSERT OR REPLACE INTO readiness (k, at) VALUES (1, unixepoch());",
-            )
+            )?;
+            Ok(((), Delta::default()))
         })
         .await
     }
 
     fn pending(&self) -> u64 {
-        self.counters.pending.load(Ordering::Relaxed)
+        self.shared.pending.load(Ordering::Relaxed)
+    }
+
+    async fn resync(&self) -> Result<(), JournalError> {
+        self.run(|tx| {
+            let counted = count(tx)?;
+            Ok((
+                (),
+                Delta {
+                    set: Some(counted),
+                    ..Delta::default()
+                },
+            ))
+        })
+        .await
     }
 }
 
@@ -501,6 +858,15 @@ mod tests {
         }
     }
 
+    fn lane() -> Lane {
+        Lane {
+            kind: DestKind::Queue,
+            resource_id: "q".into(),
+        }
+    }
+
+    const LEASE: Duration = Duration::from_secs(60);
+
     #[tokio::test]
     async fn idempotent_append_claim_retry_dead_replay() {
         let dir = tempfile::tempdir().unwrap();
@@ -531,27 +897,31 @@ mod tests {
             ]
         );
         assert_eq!(j.pending(), 1);
-        let claimed = j.claim_due(1_000, 10).await.unwrap();
+        let claimed = j.claim(&lane(), 1_000, 10, LEASE).await.unwrap();
         assert_eq!(claimed.len(), 1);
         assert_eq!(claimed[0].target.channel_id.as_deref(), Some("c"));
         assert!(
-            j.claim_due(1_000, 10).await.unwrap().is_empty(),
-            "inflight is not claimed twice"
+            j.claim(&lane(), 1_000, 10, LEASE).await.unwrap().is_empty(),
+            "a leased record is not claimed twice"
         );
-        j.complete(vec![Outcome::Retry {
-            id: "A".into(),
-            attempts: 1,
-            next_attempt_at_ms: 5_000,
-            error: "503".into(),
-        }])
-        .await
-        .unwrap();
-        assert!(j.claim_due(4_999, 10).await.unwrap().is_empty());
-        assert_eq!(j.next_due().await.unwrap(), Some(5_000));
-        let again = j.claim_due(5_000, 10).await.unwrap();
+        let applied = j
+            .complete(vec![Outcome::Retry {
+                id: "A".into(),
+                token: claimed[0].token,
+                attempts: 1,
+                next_attempt_at_ms: 5_000,
+                error: "503".into(),
+            }])
+            .await
+            .unwrap();
+        assert_eq!(applied, [true]);
+        assert!(j.claim(&lane(), 4_999, 10, LEASE).await.unwrap().is_empty());
+        assert_eq!(j.next_due(&lane()).await.unwrap(), Some(5_000));
+        let again = j.claim(&lane(), 5_000, 10, LEASE).await.unwrap();
         assert_eq!(again[0].attempts, 1);
         j.complete(vec![Outcome::Dead {
             id: "A".into(),
+            token: again[0].token,
             attempts: 2,
             error: "400 bad".into(),
             label: crate::error::ErrorLabel::Rejected,
@@ -565,10 +935,12 @@ mod tests {
         assert_eq!(dead[0].record["id"], "A");
         assert_eq!(j.stats().await.unwrap().dead, 1);
         assert_eq!(j.replay_dead(None, 9_000).await.unwrap(), 1);
-        let replayed = j.claim_due(9_000, 10).await.unwrap();
+        assert_eq!(j.stats().await.unwrap().dead, 0);
+        let replayed = j.claim(&lane(), 9_000, 10, LEASE).await.unwrap();
         assert_eq!((replayed[0].attempts, replayed[0].age_from_ms), (0, 9_000));
         j.complete(vec![Outcome::Delivered {
             id: "A".into(),
+            token: replayed[0].token,
             attempts: 1,
         }])
         .await
@@ -588,17 +960,128 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn inflight_records_are_pending_after_reopen() {
+    async fn unfinished_claims_are_due_after_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j.db");
         {
             let j = SqliteJournal::open(&path, 64).unwrap();
             j.append(vec![new("A", "c1", true)]).await.unwrap();
-            assert_eq!(j.claim_due(1_000, 10).await.unwrap().len(), 1);
+            assert_eq!(j.claim(&lane(), 1_000, 10, LEASE).await.unwrap().len(), 1);
         }
         let j = SqliteJournal::open(&path, 64).unwrap();
         assert_eq!(j.pending(), 1);
-        assert_eq!(j.claim_due(1_000, 10).await.unwrap().len(), 1);
+        assert_eq!(j.claim(&lane(), 1_000, 10, LEASE).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_is_claimed_again_and_the_old_claim_is_fenced() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = SqliteJournal::open(&dir.path().join("j.db"), 64).unwrap();
+        j.append(vec![new("A", "c1", true)]).await.unwrap();
+        let lease = Duration::from_millis(500);
+        let first = j.claim(&lane(), 1_000, 10, lease).await.unwrap();
+        assert!(j.claim(&lane(), 1_499, 10, lease).await.unwrap().is_empty());
+        assert_eq!(j.next_due(&lane()).await.unwrap(), Some(1_500));
+        let second = j.claim(&lane(), 1_500, 10, lease).await.unwrap();
+        assert_eq!(second.len(), 1, "claimable again once the lease ended");
+        assert_ne!(first[0].token, second[0].token);
+        // The first claimant answers late: its outcome is not written.
+        let late = j
+            .complete(vec![Outcome::Dead {
+                id: "A".into(),
+                token: first[0].token,
+                attempts: 1,
+                error: "late".into(),
+                label: crate::error::ErrorLabel::Rejected,
+            }])
+            .await
+            .unwrap();
+        assert_eq!(late, [false]);
+        let now = j
+            .complete(vec![Outcome::Delivered {
+                id: "A".into(),
+                token: second[0].token,
+                attempts: 1,
+            }])
+            .await
+            .unwrap();
+        assert_eq!(now, [true]);
+        let stats = j.stats().await.unwrap();
+        assert_eq!((stats.pending, stats.dead), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_second_process_on_the_same_journal_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.db");
+        let _first = SqliteJournal::open(&path, 64).unwrap();
+        match SqliteJournal::open(&path, 64) {
+            Err(e @ JournalError::Locked { .. }) => {
+                assert!(
+                    e.to_string().contains("in use by another fnrelay process"),
+                    "{e}"
+                )
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a second journal on the same file was opened"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rolled_back_group_fails_exactly_its_commands_and_writes_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.db");
+        let j = Arc::new(SqliteJournal::open(&path, 1024).unwrap());
+        j.append(vec![new("A", "c-a", true)]).await.unwrap();
+        // Cap the file near its current size, so a group of large appends
+        // hits SQLITE_FULL part way and SQLite rolls the transaction back.
+        {
+            let c = Connection::open(&path).unwrap();
+            let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
+            drop(c);
+            let cap = pages + 8;
+            j.run(move |tx| {
+                tx.query_row(&format!("PRAGMA max_page_count = {cap}"), [], |_| Ok(()))?;
+                tx.execute_batch("PRAGMA cache_size = 2")?;
+                Ok(((), Delta::default()))
+            })
+            .await
+            .unwrap();
+        }
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            let j = j.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut r = new(&format!("R{i:03}"), &format!("c{i}"), true);
+                r.body = "x".repeat(3000);
+                j.append(vec![r]).await
+            }));
+        }
+        let mut ok = Vec::new();
+        let mut failed = 0;
+        for (i, t) in tasks.into_iter().enumerate() {
+            match t.await.unwrap() {
+                Ok(_) => ok.push(format!("R{i:03}")),
+                Err(_) => failed += 1,
+            }
+        }
+        assert!(failed > 0, "the cap was not reached");
+        // What the callers heard is exactly what the journal holds.
+        let c = Connection::open(&path).unwrap();
+        let mut stored: Vec<String> = c
+            .prepare("SELECT id FROM records WHERE id LIKE 'R%' ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        stored.sort();
+        assert_eq!(stored, ok, "acknowledged = stored");
+        assert_eq!(
+            j.pending(),
+            1 + ok.len() as u64,
+            "the gauge moved only with commits"
+        );
     }
 
     #[tokio::test]
@@ -617,5 +1100,7 @@ mod tests {
             t.await.unwrap().unwrap();
         }
         assert_eq!(j.stats().await.unwrap().pending, 200);
+        j.resync().await.unwrap();
+        assert_eq!(j.pending(), 200);
     }
 }

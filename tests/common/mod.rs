@@ -420,11 +420,13 @@ attempt_timeout = "5s"
 breaker_cool_down = "200ms"
 "#;
 
-/// Sum of retried attempts (any error) for a destination.
+/// Sum of failed attempts that will be retried (any error, the record's
+/// `retry` or the destination's `unavailable`) for a destination.
 pub fn retries(text: &str, kind: &str, id: &str) -> f64 {
     text.lines()
         .filter(|l| {
-            l.starts_with("fnrelay_delivery_attempts_total{outcome=\"retry\"")
+            (l.starts_with("fnrelay_delivery_attempts_total{outcome=\"retry\"")
+                || l.starts_with("fnrelay_delivery_attempts_total{outcome=\"unavailable\""))
                 && l.contains(&format!(
                     "destination_kind=\"{kind}\",destination_id=\"{id}\""
                 ))

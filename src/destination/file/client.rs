@@ -1,16 +1,28 @@
-//! The one writer thread per file: drains queued lines, writes them, fsyncs
-//! once, then answers every sender.
+//! The one writer thread per file: drains queued batches, writes them with
+//! one `write` and one `fdatasync`, then answers every sender.
+//!
+//! The path is checked against the open descriptor before and after every
+//! write: when the file was renamed (logrotate, a consumer taking it) or
+//! deleted, or its directory removed, the writer reopens the configured path
+//! (recreating the directory and the file) and writes the batch there. A
+//! record counts as delivered only once it is on disk in the file the
+//! configured path names.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 use tokio::sync::oneshot;
 
 use super::FileError;
 
-type Job = (Vec<u8>, oneshot::Sender<Result<(), std::io::ErrorKind>>);
+type Job = (Vec<u8>, oneshot::Sender<Result<(), std::io::Error>>);
+
+/// How many times one batch is rewritten when the file keeps moving under
+/// the writer before the batch fails (and is retried by the dispatcher).
+const MAX_REOPENS: usize = 3;
 
 /// Handle to a file's writer thread. The thread ends when the handle drops.
 pub struct Writer {
@@ -26,22 +38,7 @@ impl Writer {
             path: display.clone(),
             source,
         };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        let existed = path.exists();
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(io)?;
-        if !existed {
-            // Make the new file's directory entry durable too, or a crash
-            // could lose the file with records already counted in it.
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-            }
-        }
+        let file = OpenFile::at(path).map_err(io)?;
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("fnrelay-file".into())
@@ -50,31 +47,111 @@ impl Writer {
         Ok(Self { tx, path: display })
     }
 
-    /// Appends `line` and returns once it is on disk.
-    pub async fn append(&self, line: Vec<u8>) -> Result<(), FileError> {
+    /// Appends `lines` (whole lines) and returns once they are on disk in
+    /// the file at the configured path.
+    pub async fn append(&self, lines: Vec<u8>) -> Result<(), FileError> {
         let (done, wait) = oneshot::channel();
         let stopped = || FileError::WriterStopped {
             path: self.path.clone(),
         };
-        self.tx.send((line, done)).map_err(|_| stopped())?;
+        self.tx.send((lines, done)).map_err(|_| stopped())?;
         match wait.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(kind)) => Err(FileError::Io {
+            Ok(Err(source)) => Err(FileError::Io {
                 path: self.path.clone(),
-                source: kind.into(),
+                source,
             }),
             Err(_) => Err(stopped()),
         }
     }
 }
 
-fn run(mut file: File, rx: mpsc::Receiver<Job>) {
+/// The open file and the identity (device, inode) it had when opened.
+struct OpenFile {
+    path: PathBuf,
+    file: Option<File>,
+    id: (u64, u64),
+}
+
+impl OpenFile {
+    fn at(path: &Path) -> std::io::Result<Self> {
+        let mut open = Self {
+            path: path.to_path_buf(),
+            file: None,
+            id: (0, 0),
+        };
+        open.reopen()?;
+        Ok(open)
+    }
+
+    /// (Re)opens the configured path, creating its directory and the file,
+    /// and makes a new file's directory entry durable, or a crash could lose
+    /// the file with records already counted in it.
+    fn reopen(&mut self) -> std::io::Result<()> {
+        self.file = None;
+        let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = dir {
+            std::fs::create_dir_all(dir)?;
+        }
+        let existed = self.path.exists();
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        if !existed && let Some(dir) = dir {
+            File::open(dir)?.sync_all()?;
+        }
+        let meta = file.metadata()?;
+        self.id = (meta.dev(), meta.ino());
+        self.file = Some(file);
+        Ok(())
+    }
+
+    /// Whether the configured path still names the open file.
+    fn still_there(&self) -> bool {
+        self.file.is_some()
+            && std::fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id)
+    }
+
+    /// Writes `buf` and syncs it, into the file the path names when the
+    /// sync returns.
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        for _ in 0..MAX_REOPENS {
+            if !self.still_there() {
+                if self.file.is_some() {
+                    tracing::warn!(path = %self.path.display(), "file destination was renamed or deleted; reopening the configured path");
+                }
+                self.reopen()?;
+            }
+            let file = self.file.as_mut().expect("reopened");
+            let before = file.metadata()?.len();
+            if let Err(e) = file.write_all(buf).and_then(|()| file.sync_data()) {
+                // Cut a partial write so the retry does not leave half a line.
+                let _ = file.set_len(before);
+                self.file = None;
+                return Err(e);
+            }
+            if self.still_there() {
+                return Ok(());
+            }
+            // Moved while we wrote: the batch went with the old file (a
+            // duplicate there is fine, at least once); write it again where
+            // the configured path points now.
+        }
+        Err(std::io::Error::other(format!(
+            "{} kept being renamed or deleted during {MAX_REOPENS} writes",
+            self.path.display()
+        )))
+    }
+}
+
+fn run(mut file: OpenFile, rx: mpsc::Receiver<Job>) {
     let mut buf = Vec::new();
     let mut waiting = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
-        while let Some((line, done)) = next {
-            buf.extend_from_slice(&line);
+        while let Some((lines, done)) = next {
+            buf.extend_from_slice(&lines);
             waiting.push(done);
             next = if buf.len() < 8 << 20 {
                 rx.try_recv().ok()
@@ -82,17 +159,15 @@ fn run(mut file: File, rx: mpsc::Receiver<Job>) {
                 None
             };
         }
-        let before = file.metadata().map(|m| m.len());
-        let result = file.write_all(&buf).and_then(|()| file.sync_data());
-        let answer = result.map_err(|e| {
-            tracing::error!(error = %e, "file destination write failed");
-            // Cut a partial write so the retry does not leave half a line.
-            if let Ok(len) = before {
-                let _ = file.set_len(len);
-            }
-            e.kind()
-        });
+        let result = file.write(&buf);
+        if let Err(e) = &result {
+            tracing::error!(path = %file.path.display(), error = %e, "file destination write failed");
+        }
         for done in waiting.drain(..) {
+            let answer = match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+            };
             let _ = done.send(answer);
         }
         buf.clear();

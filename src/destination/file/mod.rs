@@ -2,8 +2,11 @@
 //! and fsyncs before the record counts as delivered. It serves any kind and
 //! makes the embedded default run with no broker.
 //!
-//! Concurrent sends share one writer thread per file, so a burst of records
-//! costs one `write` and one `fsync` (group commit, as in the journal).
+//! A lane's batch is one `write` and one `fdatasync`; concurrent batches
+//! share one writer thread per file, which merges them (group commit, as in
+//! the journal). Before and after each write the writer checks that the
+//! configured path still names the open file, and reopens it when it was
+//! renamed or deleted, so nothing is counted into a file nobody will read.
 
 mod client;
 mod config;
@@ -38,8 +41,9 @@ pub enum FileError {
 
 impl From<FileError> for DeliveryError {
     fn from(e: FileError) -> Self {
-        // Every file error is retryable: a full disk or a wrong permission is
-        // fixed by an operator, and the record must wait for that, not die.
+        // No file error is the record's fault: a full disk or a wrong
+        // permission is the destination's, fixed by an operator, and the
+        // records wait for that (breaker open, no attempts used), not die.
         match e {
             FileError::Io { ref source, .. } => {
                 let label = match source.kind() {
@@ -48,10 +52,10 @@ impl From<FileError> for DeliveryError {
                     _ => ErrorLabel::Other,
                 };
                 let message = e.to_string();
-                DeliveryError::retry(label, message).with_source(e)
+                DeliveryError::unavailable(label, message).with_source(e)
             }
             FileError::WriterStopped { .. } => {
-                DeliveryError::retry(ErrorLabel::Other, e.to_string())
+                DeliveryError::unavailable(ErrorLabel::Other, e.to_string())
             }
         }
     }
@@ -73,5 +77,19 @@ impl Destination for FileDestination {
             .append(encode::line(record))
             .await
             .map_err(Into::into)
+    }
+
+    async fn send_batch(&self, records: &[OutgoingRecord]) -> Vec<Result<(), DeliveryError>> {
+        let mut lines = Vec::with_capacity(records.iter().map(|r| r.body.len() + 1).sum());
+        for r in records {
+            lines.extend_from_slice(&encode::line(r));
+        }
+        match self.writer.append(lines).await {
+            Ok(()) => records.iter().map(|_| Ok(())).collect(),
+            Err(e) => {
+                let e = DeliveryError::from(e);
+                records.iter().map(|_| Err(e.replicate())).collect()
+            }
+        }
     }
 }
