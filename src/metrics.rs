@@ -70,6 +70,7 @@ pub struct Metrics {
     skipped: Family<SkippedLabels, Counter>,
     latency: Family<DestinationLabels, Histogram>,
     breaker: Family<DestinationLabels, Gauge>,
+    claimed: Family<DestinationLabels, Counter>,
     pending: Gauge,
     oldest_age: Gauge<f64, AtomicU64>,
     dead: Gauge,
@@ -125,6 +126,12 @@ impl Metrics {
             "Time from accept to confirmed delivery",
             latency.clone(),
         );
+        let claimed = Family::<DestinationLabels, Counter>::default();
+        registry.register(
+            "fnrelay_records_claimed",
+            "Records claimed from the journal by a destination's lane (a claim is a lease; compare with attempts to see claims that were not sent)",
+            claimed.clone(),
+        );
         let breaker = Family::<DestinationLabels, Gauge>::default();
         registry.register(
             "fnrelay_circuit_breaker_state",
@@ -164,6 +171,7 @@ impl Metrics {
             skipped,
             latency,
             breaker,
+            claimed,
             pending,
             oldest_age,
             dead,
@@ -231,6 +239,16 @@ impl Metrics {
                 destination_id: id.to_string(),
             })
             .observe(seconds);
+    }
+
+    /// Counts records claimed by a lane.
+    pub fn claimed(&self, kind: DestKind, id: &str, n: u64) {
+        self.claimed
+            .get_or_create(&DestinationLabels {
+                destination_kind: kind.as_str(),
+                destination_id: id.to_string(),
+            })
+            .inc_by(n);
     }
 
     /// Sets a breaker state gauge.

@@ -87,7 +87,7 @@ async fn records_arrive_with_id_key_and_record_fields_and_maxlen_trims() {
 }
 
 #[tokio::test]
-async fn a_key_of_another_type_is_rejected() {
+async fn a_key_of_another_type_holds_records_until_it_is_fixed() {
     let key = unique("fnrelay:notastream");
     let _: () = redis::cmd("SET")
         .arg(&key)
@@ -97,19 +97,23 @@ async fn a_key_of_another_type_is_rejected() {
         .unwrap();
     let d = start(&config(SERVER, &key, "")).await;
     d.post(&event("rs-wrongtype", 500)).await;
-    d.wait_metric(
-        &deliveries("Error", "rejected", "Failure", "STREAM", "results"),
+    wait_until("WRONGTYPE seen", Duration::from_secs(20), || async {
+        metric(
+            &d.metrics().await,
+            "fnrelay_delivery_attempts_total{outcome=\"unavailable\",error_message=\"rejected\",destination_kind=\"STREAM\",destination_id=\"results\"}",
+        ) >= 1.0
+    })
+    .await;
+    let text = d.metrics().await;
+    assert!(!text.contains("response_type=\"Error\""), "{text}");
+    // The operator removes the wrong key: the record arrives.
+    del(&key).await;
+    d.wait_metric_for(
+        &deliveries("Success", "", "Failure", "STREAM", "results"),
         1.0,
+        Duration::from_secs(30),
     )
     .await;
-    let list = d.dead_letters().await;
-    assert!(
-        list["deadLetters"][0]["lastError"]
-            .as_str()
-            .unwrap()
-            .contains("WRONGTYPE"),
-        "{list}"
-    );
     del(&key).await;
 }
 

@@ -77,7 +77,8 @@ struct Shared {
     journal: Arc<dyn Journal>,
     metrics: Arc<Metrics>,
     policy: DeliveryConfig,
-    /// Batches in flight over all lanes (`delivery.workers`).
+    /// Batches in flight over all lanes beyond each lane's first
+    /// (`delivery.workers`).
     global: Arc<Semaphore>,
     done: mpsc::Sender<Done>,
 }
@@ -255,6 +256,9 @@ async fn lane_loop(
                 }
             }
         };
+        shared
+            .metrics
+            .claimed(lane.lane.kind, &lane.lane.resource_id, claimed.len() as u64);
         if claimed.is_empty() {
             drop(slot);
             if probe {
@@ -273,11 +277,18 @@ async fn lane_loop(
             }
             continue;
         }
-        let global = tokio::select! {
-            // Not sent: the leases end with the process (or the journal),
-            // and the records are due again.
-            _ = cancel.cancelled() => return,
-            g = shared.global.clone().acquire_owned() => g.expect("global semaphore is never closed"),
+        // A lane's first batch in flight is its own; more need a share of
+        // `delivery.workers`, so slow lanes cannot take every slot.
+        let alone = lane.slots.available_permits() + 1 == lane.limits.concurrency.max(1);
+        let global = if alone {
+            None
+        } else {
+            tokio::select! {
+                // Not sent: the leases end with the process (or the
+                // journal), and the records are due again.
+                _ = cancel.cancelled() => return,
+                g = shared.global.clone().acquire_owned() => Some(g.expect("global semaphore is never closed")),
+            }
         };
         if probe {
             tracing::info!(destination = %lane.lane.resource_id, "circuit breaker half-open: sending a probe");
@@ -349,7 +360,7 @@ async fn send_batch(
     shared: Arc<Shared>,
     batch: Vec<Claimed>,
     probe: bool,
-    permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 ) {
     let policy = &shared.policy;
     let now = now_ms();

@@ -244,6 +244,7 @@ pub struct Answer {
 struct ReceiverState {
     script: Mutex<VecDeque<Answer>>,
     default_status: Mutex<u16>,
+    delay: Mutex<Duration>,
     seen: Mutex<Vec<Seen>>,
 }
 
@@ -286,6 +287,11 @@ impl Receiver {
         format!("http://{}/hook", self.addr)
     }
 
+    /// Answers every request only after `delay` (a slow destination).
+    pub fn set_delay(&self, delay: Duration) {
+        *self.state.delay.lock().unwrap() = delay;
+    }
+
     /// Queues answers; once used up, the default status answers.
     pub fn script(&self, answers: &[(u16, Option<&str>)]) {
         let mut s = self.state.script.lock().unwrap();
@@ -326,6 +332,10 @@ async fn handle(
         body,
         at: Instant::now(),
     });
+    let delay = *state.delay.lock().unwrap();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let answer = state.script.lock().unwrap().pop_front();
     let answer = answer.unwrap_or(Answer {
         status: *state.default_status.lock().unwrap(),

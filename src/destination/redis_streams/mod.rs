@@ -45,7 +45,8 @@ fn classify(e: &redis::RedisError) -> (ErrorLabel, bool) {
         return (ErrorLabel::ConnectionFailed, true);
     }
     match e.code() {
-        // The key holds another type: this record can never be added there.
+        // The key holds another type: no record can be added there until an
+        // operator fixes the key (destination-wide, see `From` below).
         Some("WRONGTYPE") => (ErrorLabel::Rejected, false),
         Some("NOAUTH") | Some("WRONGPASS") => (ErrorLabel::Unauthorized, false),
         Some("NOPERM") => (ErrorLabel::Forbidden, false),
@@ -59,6 +60,16 @@ fn classify(e: &redis::RedisError) -> (ErrorLabel, bool) {
 impl From<RedisStreamsError> for DeliveryError {
     fn from(e: RedisStreamsError) -> Self {
         let message = e.to_string();
+        let wrong_type = match &e {
+            RedisStreamsError::WrongType { .. } => true,
+            RedisStreamsError::Command(inner) => inner.code() == Some("WRONGTYPE"),
+            _ => false,
+        };
+        if wrong_type {
+            // Every record of this resource would fail the same way: the
+            // destination's failure, the records wait (SPEC section 10).
+            return DeliveryError::unavailable(ErrorLabel::Rejected, message).with_source(e);
+        }
         let (label, retry) = match &e {
             RedisStreamsError::Connect(inner) | RedisStreamsError::Command(inner) => {
                 classify(inner)
