@@ -244,6 +244,14 @@ level = "warn"
     }
 }
 
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Never leave a daemon behind, even when a scenario panics.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -452,9 +460,11 @@ async fn file_run(events: usize, batch: usize) -> Vec<(&'static str, f64)> {
         dir.path().join("results.jsonl"),
         dir.path().join("failures.jsonl"),
     );
-    wait_for("every record in the files", Duration::from_secs(600), || {
-        count_lines(&a) + count_lines(&b) >= events
-    })
+    wait_for(
+        "every record in the files",
+        Duration::from_secs(600),
+        || count_lines(&a) + count_lines(&b) >= events,
+    )
     .await;
     let e2e = start.elapsed();
     let (cpu1, rss) = usage(d.pid());
