@@ -110,6 +110,9 @@ pub struct DeliveryError {
     /// The underlying error, if any.
     #[source]
     pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    /// A copy of the failure of a request that carried several records
+    /// (see [`DeliveryError::replicate`]): it may be another record's fault.
+    pub batch_wide: bool,
 }
 
 impl DeliveryError {
@@ -120,6 +123,7 @@ impl DeliveryError {
             disposition: Disposition::Retry { after: None },
             message: message.into(),
             source: None,
+            batch_wide: false,
         }
     }
 
@@ -130,6 +134,7 @@ impl DeliveryError {
             disposition: Disposition::Permanent,
             message: message.into(),
             source: None,
+            batch_wide: false,
         }
     }
 
@@ -158,6 +163,7 @@ impl DeliveryError {
             disposition: self.disposition,
             message: self.full_message(),
             source: None,
+            batch_wide: true,
         }
     }
 
@@ -168,6 +174,7 @@ impl DeliveryError {
             disposition: Disposition::Unavailable { after: None },
             message: message.into(),
             source: None,
+            batch_wide: false,
         }
     }
 

@@ -133,6 +133,38 @@ async fn queue_429_with_retry_after_and_500_are_retried() {
     assert_eq!(statuses, [429, 500, 200]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bad_message_in_a_batch_dead_letters_only_itself() {
+    // A 400 for a PutMessages of many records is sent again record by
+    // record: only the record at fault is dead-lettered.
+    let oci = server(30).await;
+    oci.poison(&["q-00004"]);
+    let d = start(&config(&oci, "")).await;
+    let ids = post_many(&d, "q", 12, 500).await;
+    d.wait_metric(&deliveries("Success", "", "Failure", "QUEUE", QUEUE), 11.0)
+        .await;
+    d.wait_metric(
+        &deliveries("Error", "rejected", "Failure", "QUEUE", QUEUE),
+        1.0,
+    )
+    .await;
+    let dead = d.dead_letters().await;
+    assert_eq!(dead["deadLetters"].as_array().unwrap().len(), 1);
+    assert_eq!(dead["deadLetters"][0]["id"], ids["q-00004"].as_str());
+    // One PutMessages of the whole batch refused, then each record alone:
+    // eleven stored, the bad one refused again.
+    let requests = oci.requests();
+    let refused = requests.iter().filter(|r| r.2 == 400).count();
+    let singles = requests.iter().filter(|r| r.1 == 1 && r.2 == 200).count();
+    assert_eq!((refused, singles), (2, 11), "{requests:?}");
+    let stored: std::collections::HashSet<String> = oci
+        .stored()
+        .iter()
+        .map(|s| s.record["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(stored.len(), 11);
+}
+
 #[tokio::test]
 async fn a_401_holds_the_record_until_the_credentials_work() {
     // OCI's own guidance retries 401: a key being rotated must not

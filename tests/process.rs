@@ -19,6 +19,14 @@ struct Proc {
     log: Arc<Mutex<Vec<String>>>,
 }
 
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // A failing test must not leave a daemon running.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Starts the binary with `config` and waits for /readyz.
 async fn spawn(dir: &Path, config: &str, port: u16) -> Proc {
     let path = dir.join("fnrelay.toml");
@@ -189,9 +197,13 @@ async fn stop(mut p: Proc) -> Vec<String> {
         .status()
         .unwrap();
     assert!(status.success());
-    let code = tokio::task::spawn_blocking(move || p.child.wait().unwrap())
-        .await
-        .unwrap();
+    let code = tokio::task::spawn_blocking(move || {
+        let code = p.child.wait().unwrap();
+        (code, p)
+    })
+    .await
+    .unwrap();
+    let (code, p) = code;
     assert!(code.success(), "SIGTERM exits 0, got {code:?}");
     p.log.lock().unwrap().clone()
 }

@@ -465,6 +465,41 @@ async fn sent(
                 outgoing.iter().map(|_| Err(e.replicate())).collect()
             }
         };
+    // A request that carried several records and was refused as a whole
+    // (an OCI 400 or LimitExceeded caused by one entry) says nothing about
+    // each record: send those one by one before anything is dead-lettered.
+    let mut results = results;
+    if outgoing.len() > 1 {
+        let alone: Vec<usize> = results
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| {
+                r.as_ref()
+                    .err()
+                    .is_some_and(|e| e.batch_wide && e.scope() == Scope::Record)
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if !alone.is_empty() {
+            let outgoing = &outgoing;
+            let resent = futures_util::future::join_all(alone.iter().map(|&i| async move {
+                let one = std::slice::from_ref(&outgoing[i]);
+                match tokio::time::timeout(policy.attempt_timeout, destination.send_batch(one))
+                    .await
+                {
+                    Ok(mut r) if r.len() == 1 => r.remove(0),
+                    Ok(_) | Err(_) => Err(DeliveryError::retry(
+                        ErrorLabel::Timeout,
+                        "no confirmation for the record sent alone",
+                    )),
+                }
+            }))
+            .await;
+            for (i, r) in alone.into_iter().zip(resent) {
+                results[i] = r;
+            }
+        }
+    }
     drop(outgoing);
 
     let before = lane.breaker.state();

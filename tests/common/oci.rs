@@ -60,6 +60,8 @@ struct ServerState {
     faults: Mutex<VecDeque<Fault>>,
     /// Streaming: fnCallIds whose entry fails once inside a 200.
     fail_entries: Mutex<HashSet<String>>,
+    /// Queue: fnCallIds whose message makes the whole PutMessages a 400.
+    poison: Mutex<HashSet<String>>,
     stored: Mutex<Vec<Stored>>,
     /// (resource, entries in the request, status answered)
     requests: Mutex<Vec<(String, usize, u16)>>,
@@ -103,6 +105,17 @@ impl OciServer {
 
     pub fn fault(&self, f: Fault) {
         self.state.faults.lock().unwrap().push_back(f);
+    }
+
+    /// Queue messages carrying these fnCallIds are refused, and with them
+    /// the whole request (400 InvalidParameter), as the service does with
+    /// one bad message.
+    pub fn poison(&self, calls: &[&str]) {
+        self.state
+            .poison
+            .lock()
+            .unwrap()
+            .extend(calls.iter().map(|s| s.to_string()));
     }
 
     pub fn fail_entries_once(&self, calls: &[&str]) {
@@ -376,8 +389,14 @@ fn put_queue(state: &ServerState, resource: &str, json: &Value, size: usize) -> 
                 )
             }
         };
-        let record =
+        let record: Value =
             serde_json::from_str(content).map_err(|_| bad("content is not the record JSON"))?;
+        if record["data"]["request"]["fnCallId"]
+            .as_str()
+            .is_some_and(|c| state.poison.lock().unwrap().contains(c))
+        {
+            return Err(bad(format!("messages[{i}].content is refused")));
+        }
         stored.push(Stored {
             resource: resource.into(),
             record,

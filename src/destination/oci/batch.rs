@@ -1,16 +1,12 @@
-//! Packs records that workers send concurrently into one request, within a
-//! service's count and size limits, and hands each worker its own record's
-//! result. Under load, requests fill up while earlier ones are in flight;
-//! a lone record goes out alone at once (no waiting timer).
-
-use std::sync::{Arc, OnceLock};
+//! Packs a lane's batch into as few requests as a service's count, size
+//! and key limits allow, sends them concurrently, and gives every record its
+//! own result. There is no background batcher: the lane's batch (SPEC
+//! section 10) is the unit.
 
 use async_trait::async_trait;
-use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::destination::OutgoingRecord;
 use crate::error::{DeliveryError, ErrorLabel};
-
 /// A service API that takes several records per request.
 #[async_trait]
 pub trait BatchSink: Send + Sync + 'static {
@@ -26,97 +22,82 @@ pub trait BatchSink: Send + Sync + 'static {
     async fn send(&self, records: Vec<OutgoingRecord>) -> Vec<Result<(), DeliveryError>>;
 }
 
-struct Item {
-    record: OutgoingRecord,
-    done: oneshot::Sender<Result<(), DeliveryError>>,
-}
-
-/// The batching front of a [`BatchSink`].
-pub struct Batcher {
-    sink: Arc<dyn BatchSink>,
-    concurrency: usize,
-    tx: OnceLock<mpsc::UnboundedSender<Item>>,
-}
-
-impl Batcher {
-    /// At most `concurrency` requests in flight.
-    pub fn new(sink: Arc<dyn BatchSink>, concurrency: usize) -> Self {
-        Self {
-            sink,
-            concurrency: concurrency.max(1),
-            tx: OnceLock::new(),
+/// Sends `records` in packed requests; one result per record, in order.
+/// Records with different keys never share a request.
+pub async fn send_packed(
+    sink: &dyn BatchSink,
+    records: Vec<OutgoingRecord>,
+) -> Vec<Result<(), DeliveryError>> {
+    let n = records.len();
+    // (request records, their positions in the batch)
+    let mut requests: Vec<(Vec<OutgoingRecord>, Vec<usize>, Option<String>, usize)> = Vec::new();
+    for (pos, record) in records.into_iter().enumerate() {
+        let key = sink.key(&record);
+        let size = sink.size(&record);
+        let open = requests.iter_mut().find(|(r, _, k, bytes)| {
+            *k == key && r.len() < sink.max_records() && *bytes + size <= sink.max_bytes()
+        });
+        match open {
+            Some((r, positions, _, bytes)) => {
+                r.push(record);
+                positions.push(pos);
+                *bytes += size;
+            }
+            None => requests.push((vec![record], vec![pos], key, size)),
         }
     }
-
-    /// Sends one record as part of the next request; returns its own result.
-    pub async fn submit(&self, record: OutgoingRecord) -> Result<(), DeliveryError> {
-        // Started on first use, inside the runtime.
-        let tx = self.tx.get_or_init(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(run(self.sink.clone(), rx, self.concurrency));
-            tx
-        });
-        let (done, result) = oneshot::channel();
-        tx.send(Item { record, done })
-            .map_err(|_| DeliveryError::retry(ErrorLabel::Other, "batcher stopped"))?;
-        result.await.unwrap_or_else(|_| {
-            Err(DeliveryError::retry(
-                ErrorLabel::Other,
-                "batcher dropped the record",
-            ))
-        })
+    let sent = futures_util::future::join_all(
+        requests
+            .into_iter()
+            .map(|(r, positions, _, _)| async move { (sink.send(r).await, positions) }),
+    )
+    .await;
+    let mut out: Vec<Option<Result<(), DeliveryError>>> = (0..n).map(|_| None).collect();
+    for (results, positions) in sent {
+        let m = positions.len();
+        let mut results = results.into_iter();
+        for (i, pos) in positions.into_iter().enumerate() {
+            out[pos] = Some(results.next().unwrap_or_else(|| {
+                Err(DeliveryError::retry(
+                    ErrorLabel::ServerError,
+                    format!("no result for entry {i} of {m}"),
+                ))
+            }));
+        }
     }
+    out.into_iter()
+        .map(|r| r.expect("every position is filled"))
+        .collect()
 }
 
-async fn run(sink: Arc<dyn BatchSink>, mut rx: mpsc::UnboundedReceiver<Item>, concurrency: usize) {
-    let permits = Arc::new(Semaphore::new(concurrency));
-    let mut carry: Option<Item> = None;
-    loop {
-        let first = match carry.take() {
-            Some(item) => item,
-            None => match rx.recv().await {
-                Some(item) => item,
-                None => return,
-            },
-        };
-        // Wait for a free request slot first: records keep queueing
-        // meanwhile, so the next request is fuller under load.
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let key = sink.key(&first.record);
-        let mut bytes = sink.size(&first.record);
-        let mut items = vec![first];
-        while items.len() < sink.max_records() {
-            match rx.try_recv() {
-                Ok(next) => {
-                    let size = sink.size(&next.record);
-                    if sink.key(&next.record) != key || bytes + size > sink.max_bytes() {
-                        carry = Some(next);
-                        break;
-                    }
-                    bytes += size;
-                    items.push(next);
-                }
-                Err(_) => break,
+/// Fits each record (`fit` may truncate it or refuse it as too large),
+/// sends the ones that fit packed, and merges the results in order.
+pub async fn send_fitted<F>(
+    sink: &dyn BatchSink,
+    records: &[OutgoingRecord],
+    fit: F,
+) -> Vec<Result<(), DeliveryError>>
+where
+    F: Fn(&OutgoingRecord) -> Result<OutgoingRecord, DeliveryError>,
+{
+    let mut out: Vec<Option<Result<(), DeliveryError>>> = Vec::with_capacity(records.len());
+    let mut fitted = Vec::new();
+    let mut positions = Vec::new();
+    for (pos, r) in records.iter().enumerate() {
+        match fit(r) {
+            Ok(f) => {
+                fitted.push(f);
+                positions.push(pos);
+                out.push(None);
             }
+            Err(e) => out.push(Some(Err(e))),
         }
-        let sink = sink.clone();
-        tokio::spawn(async move {
-            let (records, waiters): (Vec<_>, Vec<_>) =
-                items.into_iter().map(|i| (i.record, i.done)).unzip();
-            let n = records.len();
-            let mut results = sink.send(records).await.into_iter();
-            for (i, done) in waiters.into_iter().enumerate() {
-                let r = results.next().unwrap_or_else(|| {
-                    Err(DeliveryError::retry(
-                        ErrorLabel::ServerError,
-                        format!("no result for entry {i} of {n}"),
-                    ))
-                });
-                let _ = done.send(r);
-            }
-            drop(permit);
-        });
     }
+    let results = send_packed(sink, fitted).await;
+    for (pos, r) in positions.into_iter().zip(results) {
+        out[pos] = Some(r);
+    }
+    out.into_iter()
+        .map(|r| r.expect("every position is filled"))
+        .collect()
 }

@@ -1,17 +1,15 @@
 //! `oci-queue` backend (QUEUE kind): OCI Queue PutMessages. The message
 //! content is the record JSON; the destination's channelId is the message
-//! channel. Concurrent records share requests (up to 20 messages and 512 KB,
-//! one channel per request). Queue has no idempotency token: a retry after
+//! channel. A lane's batch is packed into requests (up to 20 messages and
+//! 512 KB, one channel per request). Queue has no idempotency token: a retry after
 //! a lost answer can store a record twice, with the same id inside.
 
 mod client;
 mod encode;
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
 
-use crate::destination::oci::batch::Batcher;
+use crate::destination::oci::batch::send_fitted;
 use crate::destination::oci::{OciClient, OciConfig, OciError};
 use crate::destination::{Destination, OutgoingRecord};
 use crate::error::DeliveryError;
@@ -25,7 +23,7 @@ pub const MAX_REQUEST_BYTES: usize = 512 * 1024;
 
 /// An OCI Queue destination.
 pub struct OciQueueDestination {
-    batcher: Batcher,
+    sink: client::QueueSink,
 }
 
 impl OciQueueDestination {
@@ -39,9 +37,7 @@ impl OciQueueDestination {
             client,
             queue_id: queue_id.to_string(),
         };
-        Ok(Self {
-            batcher: Batcher::new(Arc::new(sink), 4),
-        })
+        Ok(Self { sink })
     }
 }
 
@@ -52,8 +48,17 @@ impl Destination for OciQueueDestination {
     }
 
     async fn send(&self, record: &OutgoingRecord) -> Result<(), DeliveryError> {
-        let record = encode::fit(record).map_err(DeliveryError::from)?;
-        self.batcher.submit(record).await
+        self.send_batch(std::slice::from_ref(record))
+            .await
+            .pop()
+            .expect("one result")
+    }
+
+    async fn send_batch(&self, records: &[OutgoingRecord]) -> Vec<Result<(), DeliveryError>> {
+        send_fitted(&self.sink, records, |r| {
+            encode::fit(r).map_err(DeliveryError::from)
+        })
+        .await
     }
 }
 

@@ -8,11 +8,9 @@
 mod client;
 mod encode;
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
 
-use crate::destination::oci::batch::Batcher;
+use crate::destination::oci::batch::send_fitted;
 use crate::destination::oci::{OciClient, OciConfig, OciError};
 use crate::destination::{Destination, OutgoingRecord};
 use crate::error::DeliveryError;
@@ -28,7 +26,7 @@ pub const MAX_MESSAGES: usize = 200;
 
 /// An OCI Streaming destination.
 pub struct OciStreamingDestination {
-    batcher: Batcher,
+    sink: client::StreamSink,
 }
 
 impl OciStreamingDestination {
@@ -39,13 +37,10 @@ impl OciStreamingDestination {
             .map_err(|(k, r)| std::io::Error::other(format!("{k}: {r}")))?;
         let client = OciClient::new(&config.endpoint, signer, config.timeout)?;
         Ok(Self {
-            batcher: Batcher::new(
-                Arc::new(client::StreamSink {
-                    client,
-                    stream_id: stream_id.to_string(),
-                }),
-                4,
-            ),
+            sink: client::StreamSink {
+                client,
+                stream_id: stream_id.to_string(),
+            },
         })
     }
 }
@@ -57,8 +52,17 @@ impl Destination for OciStreamingDestination {
     }
 
     async fn send(&self, record: &OutgoingRecord) -> Result<(), DeliveryError> {
-        let record = encode::fit(record)
-            .map_err(|(size, limit)| DeliveryError::from(OciError::TooLarge { size, limit }))?;
-        self.batcher.submit(record).await
+        self.send_batch(std::slice::from_ref(record))
+            .await
+            .pop()
+            .expect("one result")
+    }
+
+    async fn send_batch(&self, records: &[OutgoingRecord]) -> Vec<Result<(), DeliveryError>> {
+        send_fitted(&self.sink, records, |r| {
+            encode::fit(r)
+                .map_err(|(size, limit)| DeliveryError::from(OciError::TooLarge { size, limit }))
+        })
+        .await
     }
 }
