@@ -29,8 +29,9 @@ pub async fn send_packed(
     records: Vec<OutgoingRecord>,
 ) -> Vec<Result<(), DeliveryError>> {
     let n = records.len();
-    // (request records, their positions in the batch)
-    let mut requests: Vec<(Vec<OutgoingRecord>, Vec<usize>, Option<String>, usize)> = Vec::new();
+    // (request records, their positions in the batch, key, bytes)
+    type Request = (Vec<OutgoingRecord>, Vec<usize>, Option<String>, usize);
+    let mut requests: Vec<Request> = Vec::new();
     for (pos, record) in records.into_iter().enumerate() {
         let key = sink.key(&record);
         let size = sink.size(&record);
