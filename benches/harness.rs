@@ -130,6 +130,7 @@ struct Table {
 
 impl Table {
     fn add(&mut self, scenario: &str, metric: &str, value: f64) {
+        eprintln!("  {scenario} | {metric} | {}", fmt(value));
         match self
             .rows
             .iter_mut()
@@ -210,10 +211,11 @@ level = "warn"
         );
         let path = dir.join("fnrelay.toml");
         std::fs::write(&path, config).unwrap();
-        let child = Command::new(binary())
+        let log = std::fs::File::create(dir.join("fnrelay.log")).unwrap();
+        let mut child = Command::new(binary())
             .args(["--config", path.to_str().unwrap()])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start fnrelay");
         let url = format!("http://127.0.0.1:{port}");
@@ -225,7 +227,14 @@ level = "warn"
             {
                 break;
             }
-            assert!(t0.elapsed() < Duration::from_secs(60), "daemon not ready");
+            if t0.elapsed() > Duration::from_secs(60) || child.try_wait().ok().flatten().is_some()
+            {
+                let _ = child.kill();
+                panic!(
+                    "daemon not ready: {}",
+                    std::fs::read_to_string(dir.join("fnrelay.log")).unwrap_or_default()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Self { child, url }
