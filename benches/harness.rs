@@ -227,8 +227,7 @@ level = "warn"
             {
                 break;
             }
-            if t0.elapsed() > Duration::from_secs(60) || child.try_wait().ok().flatten().is_some()
-            {
+            if t0.elapsed() > Duration::from_secs(60) || child.try_wait().ok().flatten().is_some() {
                 let _ = child.kill();
                 panic!(
                     "daemon not ready: {}",

@@ -199,3 +199,30 @@ success = {{ kind = "NOTIFICATION", topicId = "down" }}
     assert_eq!(metric(&text, "fnrelay_pending_records"), 500.0);
     assert!(!text.contains("response_type=\"Error\""), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_cannot_be_opened_at_start_holds_records_until_it_can() {
+    // The directory path is taken by a regular file: the destination cannot
+    // be opened. The daemon still starts and accepts; the records wait
+    // (the destination's failure, no attempts used) and arrive once an
+    // operator frees the path.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("out"), "in the way").unwrap();
+    let d = start_in(&file_config(""), dir).await;
+    let ids = post_many(&d, "blocked", 5, 200).await;
+    wait_until("the failure is seen", Duration::from_secs(10), || async {
+        retries(&d.metrics().await, "STREAM", "results") >= 1.0
+    })
+    .await;
+    let text = d.metrics().await;
+    assert!(!text.contains("response_type=\"Error\""), "{text}");
+    assert_eq!(metric(&text, "fnrelay_pending_records"), 5.0);
+    std::fs::remove_file(d.path().join("out")).unwrap();
+    d.wait_metric(
+        &deliveries("Success", "", "Success", "STREAM", "results"),
+        5.0,
+    )
+    .await;
+    let got = ids_in(&d.path().join("out/results.jsonl"));
+    assert!(ids.values().all(|id| got.contains(id)));
+}

@@ -122,3 +122,36 @@ impl Destination for AmqpDestination {
         self.client.check().await.map_err(Into::into)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::error::Scope;
+
+    #[test]
+    fn error_dispositions() {
+        let scope = |e: AmqpError| DeliveryError::from(e).scope();
+        let dest = Scope::Destination { after: None };
+        // Nothing bound, or the queue missing: every record would fail the
+        // same way; they wait for an operator.
+        let unroutable = AmqpError::Unroutable {
+            exchange: String::new(),
+            routing_key: "k".into(),
+        };
+        assert_eq!(scope(unroutable), dest);
+        let missing = AmqpError::Missing {
+            what: "queue",
+            name: "q".into(),
+        };
+        assert_eq!(scope(missing), dest);
+        assert_eq!(scope(AmqpError::Nacked), Scope::Send { after: None });
+        assert_eq!(
+            scope(AmqpError::Paused(Duration::from_secs(2))),
+            Scope::Destination {
+                after: Some(Duration::from_secs(2))
+            }
+        );
+    }
+}

@@ -31,20 +31,37 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Opens `path` for appending and starts the writer thread.
+    /// Opens `path` for appending and starts the writer thread. A path that
+    /// cannot be opened now (a directory that cannot be created, a
+    /// permission) does not stop the daemon: it is logged, and every batch
+    /// tries again, failing as the destination's failure until it works.
     pub fn open(path: &Path) -> Result<Self, FileError> {
         let display = path.display().to_string();
         let io = |source| FileError::Io {
             path: display.clone(),
             source,
         };
-        let file = OpenFile::at(path).map_err(io)?;
+        let file = OpenFile::at(path);
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("fnrelay-file".into())
             .spawn(move || run(file, rx))
             .map_err(io)?;
         Ok(Self { tx, path: display })
+    }
+
+    /// Whether the path can be opened for appending now (the check at start
+    /// and in `check-config`); creates the directory and file like a write.
+    pub fn probe(path: &Path) -> Result<(), FileError> {
+        let mut open = OpenFile {
+            path: path.to_path_buf(),
+            file: None,
+            id: (0, 0),
+        };
+        open.reopen().map_err(|source| FileError::Io {
+            path: path.display().to_string(),
+            source,
+        })
     }
 
     /// Appends `lines` (whole lines) and returns once they are on disk in
@@ -74,14 +91,16 @@ struct OpenFile {
 }
 
 impl OpenFile {
-    fn at(path: &Path) -> std::io::Result<Self> {
+    fn at(path: &Path) -> Self {
         let mut open = Self {
             path: path.to_path_buf(),
             file: None,
             id: (0, 0),
         };
-        open.reopen()?;
-        Ok(open)
+        if let Err(e) = open.reopen() {
+            tracing::warn!(path = %path.display(), error = %e, "file destination cannot be opened; its records wait until it can");
+        }
+        open
     }
 
     /// (Re)opens the configured path, creating its directory and the file,

@@ -33,6 +33,7 @@ impl FileConfig {
     pub fn build(&self) -> Result<FileDestination, FileError> {
         Ok(FileDestination {
             writer: client::Writer::open(&self.path)?,
+            path: self.path.clone(),
         })
     }
 }

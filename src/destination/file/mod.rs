@@ -45,14 +45,14 @@ impl From<FileError> for DeliveryError {
         // permission is the destination's, fixed by an operator, and the
         // records wait for that (breaker open, no attempts used), not die.
         match e {
-            FileError::Io { ref source, .. } => {
+            FileError::Io { path, source } => {
                 let label = match source.kind() {
                     std::io::ErrorKind::PermissionDenied => ErrorLabel::Forbidden,
                     std::io::ErrorKind::NotFound => ErrorLabel::NotFound,
                     _ => ErrorLabel::Other,
                 };
-                let message = e.to_string();
-                DeliveryError::unavailable(label, message).with_source(e)
+                DeliveryError::unavailable(label, format!("cannot write {path}"))
+                    .with_source(source)
             }
             FileError::WriterStopped { .. } => {
                 DeliveryError::unavailable(ErrorLabel::Other, e.to_string())
@@ -64,6 +64,7 @@ impl From<FileError> for DeliveryError {
 /// A JSON-lines file destination.
 pub struct FileDestination {
     writer: client::Writer,
+    path: std::path::PathBuf,
 }
 
 #[async_trait]
@@ -77,6 +78,10 @@ impl Destination for FileDestination {
             .append(encode::line(record))
             .await
             .map_err(Into::into)
+    }
+
+    async fn check(&self) -> Result<(), DeliveryError> {
+        client::Writer::probe(&self.path).map_err(Into::into)
     }
 
     async fn send_batch(&self, records: &[OutgoingRecord]) -> Vec<Result<(), DeliveryError>> {

@@ -82,3 +82,23 @@ impl Destination for MqttDestination {
         self.client.check().await.map_err(Into::into)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Scope;
+
+    #[test]
+    fn error_dispositions() {
+        let scope = |e: MqttError| DeliveryError::from(e).scope();
+        let dest = Scope::Destination { after: None };
+        assert_eq!(scope(MqttError::Connection("reset".into())), dest);
+        assert_eq!(scope(MqttError::ClientStopped), dest);
+        assert_eq!(scope(MqttError::Refused("NotAuthorized".into())), dest);
+        assert_eq!(scope(MqttError::Refused("ServerUnavailable".into())), dest);
+        assert_eq!(
+            scope(MqttError::TooLarge { size: 10, max: 5 }),
+            Scope::Record
+        );
+    }
+}

@@ -82,3 +82,23 @@ impl Destination for NatsDestination {
         self.client.publish(record).await.map_err(Into::into)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Scope;
+
+    #[test]
+    fn error_dispositions() {
+        let scope = |e: NatsError| DeliveryError::from(e).scope();
+        assert_eq!(
+            scope(NatsError::Subscribe("no inbox".into())),
+            Scope::Destination { after: None }
+        );
+        assert_eq!(scope(NatsError::NotConfirmed), Scope::Send { after: None });
+        assert!(matches!(
+            scope(NatsError::Paused(std::time::Duration::from_secs(1))),
+            Scope::Destination { after: Some(_) }
+        ));
+    }
+}

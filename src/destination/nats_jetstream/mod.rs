@@ -107,3 +107,35 @@ impl Destination for NatsJetStreamDestination {
         self.client.check().await.map_err(Into::into)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+
+    use super::*;
+    use crate::error::Scope;
+
+    #[test]
+    fn error_dispositions() {
+        let scope = |k: PublishErrorKind| {
+            DeliveryError::from(JetStreamError::Publish(PublishError::new(k))).scope()
+        };
+        let dest = Scope::Destination { after: None };
+        // No responders: no stream, or JetStream restarting or electing a
+        // leader. Never the record's fault.
+        assert_eq!(scope(PublishErrorKind::StreamNotFound), dest);
+        assert_eq!(scope(PublishErrorKind::BrokenPipe), dest);
+        assert_eq!(scope(PublishErrorKind::MaxAckPending), dest);
+        assert_eq!(
+            scope(PublishErrorKind::TimedOut),
+            Scope::Send { after: None }
+        );
+        assert_eq!(scope(PublishErrorKind::Other), Scope::Send { after: None });
+        assert_eq!(scope(PublishErrorKind::MaxPayloadExceeded), Scope::Record);
+        let stream = JetStreamError::Stream {
+            stream: "S".into(),
+            reason: "cannot create".into(),
+        };
+        assert_eq!(DeliveryError::from(stream).scope(), dest);
+    }
+}

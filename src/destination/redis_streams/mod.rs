@@ -108,3 +108,29 @@ impl Destination for RedisStreamsDestination {
         self.client.check().await.map_err(Into::into)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Scope;
+
+    #[test]
+    fn error_dispositions() {
+        // A key of another type blocks every record of the resource.
+        let wrong = RedisStreamsError::WrongType {
+            key: "k".into(),
+            kind: "string".into(),
+        };
+        assert_eq!(
+            DeliveryError::from(wrong).scope(),
+            Scope::Destination { after: None }
+        );
+        let paused = RedisStreamsError::Paused(std::time::Duration::from_millis(300));
+        assert_eq!(
+            DeliveryError::from(paused).scope(),
+            Scope::Destination {
+                after: Some(std::time::Duration::from_millis(300))
+            }
+        );
+    }
+}

@@ -89,3 +89,31 @@ impl Destination for WebhookDestination {
         self.client.post(record).await.map_err(Into::into)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Scope;
+
+    #[test]
+    fn status_dispositions() {
+        let scope = |status: u16| {
+            DeliveryError::from(WebhookError::Status {
+                status,
+                retry_after: None,
+                body: String::new(),
+            })
+            .scope()
+        };
+        let dest = Scope::Destination { after: None };
+        for s in [401, 403, 404, 410, 429] {
+            assert_eq!(scope(s), dest, "{s}: the receiver's failure");
+        }
+        for s in [408, 500, 502, 503] {
+            assert_eq!(scope(s), Scope::Send { after: None }, "{s}");
+        }
+        for s in [400, 413, 422, 301] {
+            assert_eq!(scope(s), Scope::Record, "{s}: this record's fault");
+        }
+    }
+}
