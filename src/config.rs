@@ -141,6 +141,10 @@ pub struct DeliveryConfig {
     /// Upper bound of one delivery attempt, whatever the backend's own timeout.
     #[serde(with = "humantime_serde")]
     pub attempt_timeout: Duration,
+    /// How long an idle lane waits after being woken before it claims, so
+    /// that records arriving together share a batch (0 = claim at once).
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
     /// How long a claim holds its records: a record whose send or outcome
     /// write has not finished by then is claimed again (delivered twice,
     /// never stuck). Must be longer than `attempt_timeout`.
@@ -163,6 +167,7 @@ impl Default for DeliveryConfig {
             max_backoff: Duration::from_secs(300),
             attempt_timeout: Duration::from_secs(30),
             lease: Duration::from_secs(90),
+            linger: Duration::from_millis(5),
             breaker_failure_threshold: 5,
             breaker_cool_down: Duration::from_secs(10),
         }
@@ -586,6 +591,12 @@ impl Config {
             if value.is_zero() {
                 bad(key, "must be greater than 0".into());
             }
+        }
+        if d.linger > Duration::from_secs(1) {
+            bad(
+                "delivery.linger",
+                "must be at most 1s (it delays every idle lane's next batch)".into(),
+            );
         }
         if d.lease <= d.attempt_timeout {
             bad(

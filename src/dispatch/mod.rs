@@ -272,7 +272,14 @@ async fn lane_loop(
             };
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = lane.wake.notified() => {}
+                _ = lane.wake.notified() => {
+                    // Let the records of the next few milliseconds join
+                    // this batch: at a steady trickle, one claim, one send
+                    // and one outcome commit then serve several records.
+                    if !shared.policy.linger.is_zero() {
+                        tokio::time::sleep(shared.policy.linger).await;
+                    }
+                }
                 _ = tokio::time::sleep(wait) => {}
             }
             continue;
@@ -424,8 +431,9 @@ async fn sent(
 ) {
     let policy = &shared.policy;
     let key = &lane.lane;
+    let mut batch = batch;
     let outgoing: Vec<OutgoingRecord> = batch
-        .iter()
+        .iter_mut()
         .map(|r| OutgoingRecord {
             id: r.id.clone(),
             fn_call_id: r.fn_call_id.clone(),
@@ -434,7 +442,8 @@ async fn sent(
             kind: r.target.kind,
             resource_id: r.target.resource_id.clone(),
             channel_id: r.target.channel_id.clone(),
-            body: Bytes::from(r.body.clone()),
+            // The body is not needed after the send: move it.
+            body: Bytes::from(std::mem::take(&mut r.body)),
             attempt: r.attempts + 1,
         })
         .collect();

@@ -261,8 +261,8 @@ pub trait Journal: Send + Sync + 'static {
     /// left the configuration).
     async fn pending_lanes(&self) -> Result<Vec<Lane>, JournalError>;
 
-    /// When the lane's next record becomes claimable (due, or its lease
-    /// ends), if it has any.
+    /// When the lane's next record that is not leased is due, if it has
+    /// any. (A lease that runs out is seen by the lane's periodic poll.)
     async fn next_due(&self, lane: &Lane) -> Result<Option<i64>, JournalError>;
 
     /// Records outcomes in one transaction. An outcome whose claim token no

@@ -10,6 +10,12 @@ pub fn line(record: &OutgoingRecord) -> Vec<u8> {
     out
 }
 
+/// Appends the record's line to `out` (a batch is one buffer).
+pub fn push_line(out: &mut Vec<u8>, record: &OutgoingRecord) {
+    out.extend_from_slice(&record.body);
+    out.push(b'\n');
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -87,7 +87,7 @@ impl Destination for FileDestination {
     async fn send_batch(&self, records: &[OutgoingRecord]) -> Vec<Result<(), DeliveryError>> {
         let mut lines = Vec::with_capacity(records.iter().map(|r| r.body.len() + 1).sum());
         for r in records {
-            lines.extend_from_slice(&encode::line(r));
+            encode::push_line(&mut lines, r);
         }
         match self.writer.append(lines).await {
             Ok(()) => records.iter().map(|_| Ok(())).collect(),
