@@ -20,6 +20,7 @@ pub struct Settings {
     pub resource_id: String,
     pub queue: Option<String>,
     pub declare: bool,
+    pub confirm_timeout: std::time::Duration,
 }
 
 /// A connection and its channel; the connection is kept alive by holding it.
@@ -88,7 +89,7 @@ impl Client {
         let s = &self.settings;
         let channel = self.channel().await?;
         let routing_key = encode::routing_key(s.routing_key.as_deref(), s.channel_id_as, record);
-        let result = async {
+        let publish = async {
             channel
                 .basic_publish(
                     s.exchange.as_str().into(),
@@ -102,8 +103,13 @@ impl Client {
                 )
                 .await?
                 .await
-        }
-        .await;
+        };
+        let Ok(result) = tokio::time::timeout(s.confirm_timeout, publish).await else {
+            // A confirm that never came leaves the channel in an unknown
+            // state: rebuild the connection rather than reuse it.
+            self.conn.reset().await;
+            return Err(AmqpError::ConfirmTimeout(s.confirm_timeout));
+        };
         match result {
             Ok(Confirmation::Ack(None)) => Ok(()),
             Ok(Confirmation::Ack(Some(_))) => Err(AmqpError::Unroutable {

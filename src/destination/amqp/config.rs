@@ -47,6 +47,15 @@ pub struct AmqpConfig {
     /// queue or exchange fails `check-config`.
     #[serde(default)]
     pub declare: bool,
+    /// How long a publish waits for the broker's confirm. On expiry the
+    /// connection is rebuilt (a channel with a lost confirm is not reused)
+    /// and the record is retried.
+    #[serde(default = "default_confirm_timeout", with = "humantime_serde")]
+    pub confirm_timeout: std::time::Duration,
+}
+
+fn default_confirm_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
 }
 
 impl AmqpConfig {
@@ -94,6 +103,7 @@ impl AmqpConfig {
                 resource_id: id.to_string(),
                 queue,
                 declare: self.declare,
+                confirm_timeout: self.confirm_timeout,
             }),
         })
     }
@@ -112,6 +122,7 @@ mod tests {
             channel_id_as: ChannelIdAs::RoutingKey,
             queue: None,
             declare: false,
+            confirm_timeout: default_confirm_timeout(),
         }
     }
 

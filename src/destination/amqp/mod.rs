@@ -40,6 +40,9 @@ pub enum AmqpError {
     /// The broker nacked the message.
     #[error("broker nacked the message")]
     Nacked,
+    /// No confirm within `confirm_timeout`; the connection is rebuilt.
+    #[error("no publisher confirm within confirm_timeout ({0:?}); reconnecting")]
+    ConfirmTimeout(std::time::Duration),
     /// The queue or exchange checked at start is missing.
     #[error("{what} `{name}` does not exist on the broker (set declare = true to create it)")]
     Missing {
@@ -98,6 +101,7 @@ impl From<AmqpError> for DeliveryError {
             }
             AmqpError::Unroutable { .. } => DeliveryError::permanent(ErrorLabel::NotFound, message),
             AmqpError::Nacked => DeliveryError::retry(ErrorLabel::ServerError, message),
+            AmqpError::ConfirmTimeout(_) => DeliveryError::retry(ErrorLabel::Timeout, message),
             AmqpError::Missing { .. } => DeliveryError::permanent(ErrorLabel::NotFound, message),
         }
     }
@@ -147,6 +151,10 @@ mod tests {
         };
         assert_eq!(scope(missing), dest);
         assert_eq!(scope(AmqpError::Nacked), Scope::Send { after: None });
+        assert_eq!(
+            scope(AmqpError::ConfirmTimeout(Duration::from_secs(10))),
+            Scope::Send { after: None }
+        );
         assert_eq!(
             scope(AmqpError::Paused(Duration::from_secs(2))),
             Scope::Destination {

@@ -38,11 +38,19 @@ impl Client {
     pub async fn xadd(&self, record: &OutgoingRecord) -> Result<(), RedisStreamsError> {
         let mut conn = self.connection().await?;
         let cmd = encode::xadd(&self.config.stream_key, self.config.maxlen, record);
-        let _entry: String = cmd
-            .query_async(&mut conn)
-            .await
-            .map_err(RedisStreamsError::Command)?;
-        Ok(())
+        let result: Result<String, _> = cmd.query_async(&mut conn).await;
+        match result {
+            Ok(_entry) => Ok(()),
+            Err(e) => {
+                if must_reconnect(&e) {
+                    // A timeout, or a node that is no longer (or not yet)
+                    // the primary: build a new connection, which resolves
+                    // the address again and reaches the promoted node.
+                    self.conn.reset().await;
+                }
+                Err(RedisStreamsError::Command(e))
+            }
+        }
     }
 
     /// Connects and checks the key is a stream or absent.
@@ -62,4 +70,11 @@ impl Client {
             })
         }
     }
+}
+
+/// Errors after which the connection is not reused.
+fn must_reconnect(e: &redis::RedisError) -> bool {
+    e.is_timeout()
+        || e.is_connection_dropped()
+        || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"))
 }
