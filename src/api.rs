@@ -22,10 +22,11 @@ use time::OffsetDateTime;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, DestSpec, Route};
+use crate::config::Config;
 use crate::journal::{Journal, NewRecord, Target, now_ms};
 use crate::metrics::Metrics;
 use crate::record::{Completion, DestinationType, FieldError, Limits, build_record, parse_request};
+use crate::routing::{self, DestSpec};
 
 /// What handlers share.
 pub struct AppState {
@@ -309,33 +310,19 @@ async fn ingest(
     ))
 }
 
-/// Inline destination, else the function's route, else the application's,
-/// else the default. Per side: the first route defining that side wins.
+/// Inline destination, else the routes (see [`routing::resolve`]).
 fn resolve(config: &Config, event: &Completion, dt: DestinationType) -> Option<DestSpec> {
-    let side = |route: &Route| match dt {
-        DestinationType::Success => route.success.clone(),
-        DestinationType::Failure => route.failure.clone(),
-    };
     let inline = match dt {
         DestinationType::Success => event.success.clone(),
         DestinationType::Failure => event.failure.clone(),
     };
-    inline
-        .or_else(|| {
-            config
-                .routes
-                .functions
-                .get(&event.function_id)
-                .and_then(side)
-        })
-        .or_else(|| {
-            config
-                .routes
-                .applications
-                .get(&event.application_id)
-                .and_then(side)
-        })
-        .or_else(|| side(&config.routes.default))
+    routing::resolve(
+        &config.routes,
+        inline,
+        &event.function_id,
+        &event.application_id,
+        dt,
+    )
 }
 
 fn allowed(config: &Config, event: &Completion, table: &str, id: &str) -> bool {

@@ -11,7 +11,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+
+pub use crate::routing::{DestSpec, Route, RoutesConfig};
 
 use crate::destination::{
     amqp::AmqpConfig, file::FileConfig, mqtt::MqttConfig, nats::NatsConfig,
@@ -345,84 +347,6 @@ impl ResourceConfig {
             | ResourceConfig::OciNotifications(_) => kind == DestKind::Notification,
         }
     }
-}
-
-/// A destination as routes and events name it (the OCI shape).
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(tag = "kind", deny_unknown_fields)]
-pub enum DestSpec {
-    /// No record is sent.
-    #[serde(rename = "NONE")]
-    None,
-    /// A queue resource, with an optional channel.
-    #[serde(rename = "QUEUE")]
-    Queue {
-        /// Key of a `[queues.*]` table.
-        #[serde(rename = "queueId")]
-        queue_id: String,
-        /// Channel within the queue (OCI Queue channel, AMQP routing key).
-        #[serde(rename = "channelId", default, skip_serializing_if = "Option::is_none")]
-        channel_id: Option<String>,
-    },
-    /// A stream resource.
-    #[serde(rename = "STREAM")]
-    Stream {
-        /// Key of a `[streams.*]` table.
-        #[serde(rename = "streamId")]
-        stream_id: String,
-    },
-    /// A notification topic resource.
-    #[serde(rename = "NOTIFICATION")]
-    Notification {
-        /// Key of a `[topics.*]` table.
-        #[serde(rename = "topicId")]
-        topic_id: String,
-    },
-}
-
-impl DestSpec {
-    /// Kind and resource id, or `None` for `NONE`.
-    pub fn target(&self) -> Option<(DestKind, &str)> {
-        match self {
-            DestSpec::None => None,
-            DestSpec::Queue { queue_id, .. } => Some((DestKind::Queue, queue_id)),
-            DestSpec::Stream { stream_id } => Some((DestKind::Stream, stream_id)),
-            DestSpec::Notification { topic_id } => Some((DestKind::Notification, topic_id)),
-        }
-    }
-
-    /// The channel of a QUEUE destination.
-    pub fn channel(&self) -> Option<&str> {
-        match self {
-            DestSpec::Queue { channel_id, .. } => channel_id.as_deref(),
-            _ => None,
-        }
-    }
-}
-
-/// One route: where success and failure records go. A missing side means NONE.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Route {
-    /// Destination of records with a 2xx status.
-    pub success: Option<DestSpec>,
-    /// Destination of records with any other status.
-    pub failure: Option<DestSpec>,
-}
-
-/// `[routes]`: a function's entry wins, then its application's, then default.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RoutesConfig {
-    /// Route for functions without a more specific one.
-    #[serde(default)]
-    pub default: Route,
-    /// Routes by application id.
-    #[serde(default)]
-    pub applications: BTreeMap<String, Route>,
-    /// Routes by function id.
-    #[serde(default)]
-    pub functions: BTreeMap<String, Route>,
 }
 
 /// `[policy]`

@@ -231,51 +231,9 @@ impl DeliveryError {
     }
 }
 
-/// Classifies an HTTP status answered by a destination (webhooks, OCI).
-/// Returns `None` for 2xx.
-pub fn classify_http_status(status: u16) -> Option<(ErrorLabel, bool)> {
-    let retryable = true;
-    Some(match status {
-        200..=299 => return None,
-        401 => (ErrorLabel::Unauthorized, !retryable),
-        403 => (ErrorLabel::Forbidden, !retryable),
-        404 | 410 => (ErrorLabel::NotFound, !retryable),
-        413 => (ErrorLabel::PayloadTooLarge, !retryable),
-        408 => (ErrorLabel::Timeout, retryable),
-        429 => (ErrorLabel::Throttled, retryable),
-        500..=599 => (ErrorLabel::ServerError, retryable),
-        // 1xx/3xx (redirects are not followed) and the remaining 4xx: the
-        // destination refused this request as it is.
-        _ => (ErrorLabel::Rejected, !retryable),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn http_status_table() {
-        let table: &[(u16, Option<(&str, bool)>)] = &[
-            (200, None),
-            (204, None),
-            (301, Some(("rejected", false))),
-            (400, Some(("rejected", false))),
-            (401, Some(("unauthorized", false))),
-            (403, Some(("forbidden", false))),
-            (404, Some(("not_found", false))),
-            (408, Some(("timeout", true))),
-            (413, Some(("payload_too_large", false))),
-            (422, Some(("rejected", false))),
-            (429, Some(("throttled", true))),
-            (500, Some(("server_error", true))),
-            (503, Some(("server_error", true))),
-        ];
-        for (status, want) in table {
-            let got = classify_http_status(*status).map(|(l, r)| (l.as_str(), r));
-            assert_eq!(got, *want, "status {status}");
-        }
-    }
 
     #[test]
     fn scope_table() {

@@ -10,6 +10,8 @@
 //! - [`api`]: HTTP ingest, admin, metrics and health endpoints. Never calls
 //!   a destination; answers 202 only after the journal commit.
 //! - [`record`]: event validation and the invocation record v1.0. Pure.
+//! - [`routing`]: destinations as events and routes name them, and the
+//!   precedence between inline destinations and routes. Pure.
 //! - [`journal`]: the durable store (SQLite, group commit) behind the
 //!   [`journal::Journal`] trait. The only module that touches the database.
 //! - [`dispatch`]: claims due records, runs the worker pool, retry policy
@@ -34,6 +36,7 @@ pub mod error;
 pub mod journal;
 pub mod metrics;
 pub mod record;
+pub mod routing;
 pub mod shutdown;
 
 use std::sync::{Arc, Mutex};

@@ -9,6 +9,7 @@
 
 pub mod amqp;
 pub mod file;
+pub mod http;
 pub mod mqtt;
 pub mod nats;
 pub mod nats_jetstream;

@@ -9,8 +9,8 @@ use reqwest::Url;
 use reqwest::header::RETRY_AFTER;
 
 use super::signer::{Request, Signer, http_date_now};
-use crate::destination::webhook::parse_retry_after;
-use crate::error::{DeliveryError, ErrorLabel, classify_http_status};
+use crate::destination::http::{parse_retry_after, request_error, status_error};
+use crate::error::{DeliveryError, ErrorLabel};
 
 /// Why an OCI call failed.
 #[derive(Debug, thiserror::Error)]
@@ -57,12 +57,8 @@ impl From<OciError> for DeliveryError {
     fn from(e: OciError) -> Self {
         let message = e.to_string();
         match &e {
-            OciError::Timeout(_) => {
-                DeliveryError::retry(ErrorLabel::Timeout, message).with_source(e)
-            }
-            OciError::Connect(_) | OciError::Transport(_) => {
-                DeliveryError::retry(ErrorLabel::ConnectionFailed, message).with_source(e)
-            }
+            OciError::Timeout(_) => request_error(true, message, e),
+            OciError::Connect(_) | OciError::Transport(_) => request_error(false, message, e),
             OciError::Status {
                 status,
                 code,
@@ -78,13 +74,7 @@ impl From<OciError> for DeliveryError {
                 (409, _) => DeliveryError::permanent(ErrorLabel::Rejected, message),
                 // 501 NotImplemented will not start working on retry.
                 (501, _) => DeliveryError::permanent(ErrorLabel::Rejected, message),
-                (s, _) => match classify_http_status(*s) {
-                    Some((label, true)) => {
-                        DeliveryError::retry(label, message).with_retry_after(*retry_after)
-                    }
-                    Some((label, false)) => DeliveryError::permanent(label, message),
-                    None => DeliveryError::retry(ErrorLabel::Other, message),
-                },
+                (s, _) => status_error(*s, *retry_after, message),
             },
             OciError::Decode(_) => DeliveryError::retry(ErrorLabel::ServerError, message),
             OciError::TooLarge { .. } => {

@@ -106,7 +106,7 @@ impl Client {
             .headers()
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
+            .and_then(crate::destination::http::parse_retry_after);
         let mut body = response.text().await.unwrap_or_default();
         if body.len() > 200 {
             let mut cut = 200;
@@ -120,36 +120,5 @@ impl Client {
             retry_after,
             body,
         })
-    }
-}
-
-/// `Retry-After`: delay-seconds or an HTTP date.
-pub fn parse_retry_after(value: &str) -> Option<Duration> {
-    let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(SystemTime::now()).unwrap_or_default())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_after_forms() {
-        assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
-        assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
-            Some(Duration::ZERO)
-        );
-        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
-        let got = parse_retry_after(&later).unwrap();
-        assert!(
-            got > Duration::from_secs(100) && got <= Duration::from_secs(120),
-            "{got:?}"
-        );
-        assert_eq!(parse_retry_after("soon"), None);
     }
 }

@@ -2,13 +2,12 @@
 //! Standard Webhooks headers (`webhook-id` = record id, so receivers
 //! deduplicate retries; `webhook-timestamp`; `webhook-signature` when a
 //! secret is set). Any 2xx is delivered; other answers are classified by
-//! [`crate::error::classify_http_status`]. Redirects are not followed.
+//! [`crate::destination::http::classify_status`]. Redirects are not followed.
 
 mod client;
 mod config;
 mod encode;
 
-pub use client::parse_retry_after;
 pub use config::WebhookConfig;
 pub use encode::{Secret, sign};
 
@@ -16,8 +15,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::destination::http;
 use crate::destination::{Destination, OutgoingRecord};
-use crate::error::{DeliveryError, ErrorLabel, classify_http_status};
+use crate::error::DeliveryError;
 
 /// Why a webhook attempt failed.
 #[derive(Debug, thiserror::Error)]
@@ -45,31 +45,17 @@ pub enum WebhookError {
 
 impl From<WebhookError> for DeliveryError {
     fn from(e: WebhookError) -> Self {
+        let message = e.to_string();
         match e {
-            WebhookError::Timeout(_) => {
-                DeliveryError::retry(ErrorLabel::Timeout, e.to_string()).with_source(e)
-            }
-            WebhookError::Connect(_) => {
-                DeliveryError::retry(ErrorLabel::ConnectionFailed, e.to_string()).with_source(e)
-            }
-            WebhookError::Transport(_) => {
-                DeliveryError::retry(ErrorLabel::ConnectionFailed, e.to_string()).with_source(e)
+            WebhookError::Timeout(inner) => http::request_error(true, message, inner),
+            WebhookError::Connect(inner) | WebhookError::Transport(inner) => {
+                http::request_error(false, message, inner)
             }
             WebhookError::Status {
                 status,
                 retry_after,
                 ..
-            } => {
-                let message = e.to_string();
-                match classify_http_status(status) {
-                    Some((label, true)) => {
-                        DeliveryError::retry(label, message).with_retry_after(retry_after)
-                    }
-                    Some((label, false)) => DeliveryError::permanent(label, message),
-                    // 2xx never becomes a Status error; treat as other if it does.
-                    None => DeliveryError::retry(ErrorLabel::Other, message),
-                }
-            }
+            } => http::status_error(status, retry_after, message),
         }
     }
 }
