@@ -16,9 +16,10 @@ use serde::Deserialize;
 pub use crate::routing::{DestSpec, Route, RoutesConfig};
 
 use crate::destination::{
-    amqp::AmqpConfig, file::FileConfig, mqtt::MqttConfig, nats::NatsConfig,
-    nats_jetstream::NatsJetStreamConfig, oci::OciConfig, redis_streams::RedisStreamsConfig,
-    webhook::WebhookConfig,
+    BackendConfig, amqp::AmqpConfig, file::FileConfig, mqtt::MqttConfig, nats::NatsConfig,
+    nats_jetstream::NatsJetStreamConfig, oci_notifications::OciNotificationsConfig,
+    oci_queue::OciQueueConfig, oci_streaming::OciStreamingConfig,
+    redis_streams::RedisStreamsConfig, webhook::WebhookConfig,
 };
 use crate::record::DestKind;
 
@@ -261,7 +262,7 @@ impl Resource {
 }
 
 /// A destination resource: which backend serves it and that backend's keys.
-/// Adding a backend is one variant here and one arm in `destination::build`.
+/// Adding a backend is one variant here and one arm in `backend_config`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "backend")]
 pub enum ResourceConfig {
@@ -288,64 +289,47 @@ pub enum ResourceConfig {
     Nats(NatsConfig),
     /// OCI Queue PutMessages.
     #[serde(rename = "oci-queue")]
-    OciQueue(OciConfig),
+    OciQueue(OciQueueConfig),
     /// OCI Streaming PutMessages.
     #[serde(rename = "oci-streaming")]
-    OciStreaming(OciConfig),
+    OciStreaming(OciStreamingConfig),
     /// OCI Notifications PublishMessage.
     #[serde(rename = "oci-notifications")]
-    OciNotifications(OciConfig),
+    OciNotifications(OciNotificationsConfig),
 }
 
 impl ResourceConfig {
-    /// The backend name as written in the config.
-    pub fn backend(&self) -> &'static str {
+    /// The backend behind this resource: the one place that lists the
+    /// backends (adding one = a variant above, an arm here, and its
+    /// `BackendConfig` in `destination`).
+    pub fn backend_config(&self) -> &dyn BackendConfig {
         match self {
-            ResourceConfig::File(_) => "file",
-            ResourceConfig::Webhook(_) => "webhook",
-            ResourceConfig::Amqp(_) => "amqp",
-            ResourceConfig::NatsJetStream(_) => "nats-jetstream",
-            ResourceConfig::RedisStreams(_) => "redis-streams",
-            ResourceConfig::Mqtt(_) => "mqtt",
-            ResourceConfig::Nats(_) => "nats",
-            ResourceConfig::OciQueue(_) => "oci-queue",
-            ResourceConfig::OciStreaming(_) => "oci-streaming",
-            ResourceConfig::OciNotifications(_) => "oci-notifications",
+            ResourceConfig::File(c) => c,
+            ResourceConfig::Webhook(c) => c,
+            ResourceConfig::Amqp(c) => c,
+            ResourceConfig::NatsJetStream(c) => c,
+            ResourceConfig::RedisStreams(c) => c,
+            ResourceConfig::Mqtt(c) => c,
+            ResourceConfig::Nats(c) => c,
+            ResourceConfig::OciQueue(c) => c,
+            ResourceConfig::OciStreaming(c) => c,
+            ResourceConfig::OciNotifications(c) => c,
         }
     }
 
-    /// `(concurrency, max_batch, largest max_batch)` of this backend's
-    /// lanes: what its protocol batches well, and the service's own limits
-    /// (OCI Queue PutMessages takes 20 messages, OCI Streaming 1 MB per
-    /// request; the others have no per-request record limit).
+    /// The backend name as written in the config.
+    pub fn backend(&self) -> &'static str {
+        self.backend_config().name()
+    }
+
+    /// `(concurrency, max_batch, largest max_batch)` of this backend's lanes.
     pub fn lane_defaults(&self) -> (usize, usize, usize) {
-        match self {
-            ResourceConfig::File(_) => (2, 512, 4096),
-            ResourceConfig::Webhook(_) => (4, 16, 256),
-            ResourceConfig::Amqp(_) => (4, 256, 4096),
-            ResourceConfig::NatsJetStream(_) => (4, 256, 4096),
-            ResourceConfig::RedisStreams(_) => (4, 256, 4096),
-            ResourceConfig::Mqtt(_) => (2, 64, 1024),
-            ResourceConfig::Nats(_) => (4, 256, 4096),
-            ResourceConfig::OciQueue(_) => (4, 20, 20),
-            ResourceConfig::OciStreaming(_) => (4, 100, 500),
-            ResourceConfig::OciNotifications(_) => (4, 8, 64),
-        }
+        self.backend_config().lane_defaults()
     }
 
     /// Kinds this backend may serve (SPEC section 4).
     fn serves(&self, kind: DestKind) -> bool {
-        match self {
-            ResourceConfig::File(_) => true,
-            ResourceConfig::Amqp(_) | ResourceConfig::OciQueue(_) => kind == DestKind::Queue,
-            ResourceConfig::NatsJetStream(_)
-            | ResourceConfig::RedisStreams(_)
-            | ResourceConfig::OciStreaming(_) => kind == DestKind::Stream,
-            ResourceConfig::Webhook(_)
-            | ResourceConfig::Mqtt(_)
-            | ResourceConfig::Nats(_)
-            | ResourceConfig::OciNotifications(_) => kind == DestKind::Notification,
-        }
+        self.backend_config().serves(kind)
     }
 }
 
@@ -560,18 +544,7 @@ impl Config {
                         ),
                     );
                 }
-                let found = match resource {
-                    ResourceConfig::File(c) => c.validate(),
-                    ResourceConfig::Webhook(c) => c.validate(),
-                    ResourceConfig::Amqp(c) => c.validate(),
-                    ResourceConfig::NatsJetStream(c) => c.validate(),
-                    ResourceConfig::RedisStreams(c) => c.validate(),
-                    ResourceConfig::Mqtt(c) => c.validate(),
-                    ResourceConfig::Nats(c) => c.validate(),
-                    ResourceConfig::OciQueue(c)
-                    | ResourceConfig::OciStreaming(c)
-                    | ResourceConfig::OciNotifications(c) => c.validate(),
-                };
+                let found = resource.backend_config().validate();
                 for (key, reason) in found {
                     bad(&format!("{prefix}.{key}"), reason);
                 }

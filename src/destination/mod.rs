@@ -27,7 +27,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::config::{Config, LaneLimits, ResourceConfig};
+use crate::config::{Config, LaneLimits};
 use crate::error::DeliveryError;
 use crate::record::{DestKind, DestinationType};
 
@@ -92,7 +92,73 @@ pub struct Registry {
     map: HashMap<ResourceKey, (Arc<dyn Destination>, LaneLimits)>,
 }
 
-type Built = Result<Arc<dyn Destination>, Box<dyn std::error::Error + Send + Sync>>;
+/// A built destination, or why it could not be built.
+pub type Built = Result<Arc<dyn Destination>, Box<dyn std::error::Error + Send + Sync>>;
+
+/// What a backend's configuration provides. `ResourceConfig::backend_config`
+/// in the configuration module is the one place that lists the backends.
+pub trait BackendConfig: Send + Sync {
+    /// The backend name as written in the config (`file`, `amqp`, ...).
+    fn name(&self) -> &'static str;
+    /// Whether it can serve a resource of this kind (SPEC section 4).
+    fn serves(&self, kind: DestKind) -> bool;
+    /// `(concurrency, max_batch, largest max_batch)` of its lanes: what its
+    /// protocol batches well, and the service's own limits.
+    fn lane_defaults(&self) -> (usize, usize, usize);
+    /// Problems as `(key, reason)`, without I/O.
+    fn validate(&self) -> Vec<(String, String)>;
+    /// Builds the destination for the resource `id`.
+    fn build(&self, id: &str) -> Built;
+}
+
+/// Implements [`BackendConfig`] for a backend's config type.
+macro_rules! backend {
+    ($config:ty, $name:literal, serves: $serves:expr, lane: $lane:expr,
+     build: |$c:ident, $id:ident| $build:expr) => {
+        impl BackendConfig for $config {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn serves(&self, kind: DestKind) -> bool {
+                let serves: fn(DestKind) -> bool = $serves;
+                serves(kind)
+            }
+            fn lane_defaults(&self) -> (usize, usize, usize) {
+                $lane
+            }
+            fn validate(&self) -> Vec<(String, String)> {
+                <$config>::validate(self)
+            }
+            fn build(&self, $id: &str) -> Built {
+                let $c = self;
+                boxed($build)
+            }
+        }
+    };
+}
+
+backend!(file::FileConfig, "file", serves: |_| true, lane: (2, 512, 4096),
+    build: |c, _id| c.build());
+backend!(webhook::WebhookConfig, "webhook", serves: |k| k == DestKind::Notification,
+    lane: (4, 16, 256), build: |c, _id| c.build());
+backend!(amqp::AmqpConfig, "amqp", serves: |k| k == DestKind::Queue,
+    lane: (4, 256, 4096), build: |c, id| c.build(id));
+backend!(nats_jetstream::NatsJetStreamConfig, "nats-jetstream",
+    serves: |k| k == DestKind::Stream, lane: (4, 256, 4096), build: |c, _id| c.build());
+backend!(redis_streams::RedisStreamsConfig, "redis-streams",
+    serves: |k| k == DestKind::Stream, lane: (4, 256, 4096), build: |c, _id| c.build());
+backend!(mqtt::MqttConfig, "mqtt", serves: |k| k == DestKind::Notification,
+    lane: (2, 64, 1024), build: |c, id| c.build(id));
+backend!(nats::NatsConfig, "nats", serves: |k| k == DestKind::Notification,
+    lane: (4, 256, 4096), build: |c, _id| c.build());
+// OCI Queue PutMessages takes 20 messages; Streaming 1 MB per request;
+// Notifications one message per request.
+backend!(oci_queue::OciQueueConfig, "oci-queue", serves: |k| k == DestKind::Queue,
+    lane: (4, 20, 20), build: |c, id| c.build(id));
+backend!(oci_streaming::OciStreamingConfig, "oci-streaming",
+    serves: |k| k == DestKind::Stream, lane: (4, 100, 500), build: |c, id| c.build(id));
+backend!(oci_notifications::OciNotificationsConfig, "oci-notifications",
+    serves: |k| k == DestKind::Notification, lane: (4, 8, 64), build: |c, id| c.build(id));
 
 fn boxed<D: Destination, E: std::error::Error + Send + Sync + 'static>(r: Result<D, E>) -> Built {
     r.map(|d| Arc::new(d) as Arc<dyn Destination>)
@@ -116,24 +182,7 @@ impl Registry {
         for (table, kind, resources) in config.resource_tables() {
             for (id, resource) in resources {
                 let lane = resource.lane();
-                let built = match &resource.backend {
-                    ResourceConfig::File(c) => boxed(c.build()),
-                    ResourceConfig::Webhook(c) => boxed(c.build()),
-                    ResourceConfig::Amqp(c) => boxed(c.build(id)),
-                    ResourceConfig::NatsJetStream(c) => boxed(c.build()),
-                    ResourceConfig::RedisStreams(c) => boxed(c.build()),
-                    ResourceConfig::Mqtt(c) => boxed(c.build(id)),
-                    ResourceConfig::Nats(c) => boxed(c.build()),
-                    ResourceConfig::OciQueue(c) => {
-                        boxed(oci_queue::OciQueueDestination::build(c, id))
-                    }
-                    ResourceConfig::OciStreaming(c) => {
-                        boxed(oci_streaming::OciStreamingDestination::build(c, id))
-                    }
-                    ResourceConfig::OciNotifications(c) => {
-                        boxed(oci_notifications::OciNotificationsDestination::build(c, id))
-                    }
-                };
+                let built = resource.backend.backend_config().build(id);
                 let destination = built.map_err(|source| BuildError {
                     table,
                     id: id.clone(),

@@ -5,7 +5,10 @@
 //! fails as `payload_too_large` if even that cannot fit. Never dropped.
 
 mod client;
+mod config;
 mod encode;
+
+pub use config::OciNotificationsConfig;
 
 use async_trait::async_trait;
 

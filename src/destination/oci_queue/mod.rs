@@ -5,7 +5,10 @@
 //! a lost answer can store a record twice, with the same id inside.
 
 mod client;
+mod config;
 mod encode;
+
+pub use config::OciQueueConfig;
 
 use async_trait::async_trait;
 

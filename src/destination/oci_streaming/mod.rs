@@ -6,7 +6,10 @@
 //! headers, as the OCI SDKs sign this operation.
 
 mod client;
+mod config;
 mod encode;
+
+pub use config::OciStreamingConfig;
 
 use async_trait::async_trait;
 
