@@ -19,8 +19,9 @@
 //!
 //! Environment: `BENCH_RUNS` (default 3), `BENCH_EVENTS` (default 100000),
 //! `BENCH_BACKLOG` (default 1000000), `BENCH_ONLY` (comma-separated scenario
-//! names: noop, file-1, file-100, amqp, jetstream, steady, backlog). The
-//! broker scenarios need the local RabbitMQ and NATS servers.
+//! names: noop, file-1, file-100, amqp, jetstream, steady, backlog),
+//! `BENCH_FNRELAY_BIN` (another fnrelay binary to measure). The broker
+//! scenarios need the local RabbitMQ and NATS servers.
 
 use std::collections::HashMap;
 use std::io::{BufRead, Read, Seek};
@@ -181,9 +182,12 @@ fn fmt(x: f64) -> String {
 
 // ---------------------------------------------------------------- processes
 
-/// The `fnrelay` binary cargo built next to this bench.
+/// The `fnrelay` binary cargo built next to this bench, or
+/// `BENCH_FNRELAY_BIN` (to compare another build in the same run).
 fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_fnrelay"))
+    std::env::var_os("BENCH_FNRELAY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_fnrelay")))
 }
 
 struct Daemon {
