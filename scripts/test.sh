@@ -40,6 +40,10 @@ ensure_service Mosquitto 1883 mosquitto mosquitto \
 ensure_service "NATS (JetStream)" 4222 nats-server /usr/sbin/nats-server \
     "mkdir -p /var/lib/nats-server && start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server"
 
+# The benchmark harness is built (so it cannot rot) but not run here: it
+# takes minutes and its figures belong in BENCHMARKS.md, not in a test.
+cargo build --benches
+
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast
     # nextest does not run doctests.

@@ -1,10 +1,10 @@
 //! The NATS connection, the publish, and its confirmation.
 //!
 //! Core NATS has no ack, and `flush` only means "written to the socket".
-//! To know the server has processed a record, each publish is followed by
-//! a marker published to an inbox this connection subscribes to: the server
-//! handles one connection's messages in order, so the marker coming back
-//! proves the record before it was processed (and passed to every
+//! To know the server has processed a batch, its publishes are followed by
+//! one marker published to an inbox this connection subscribes to: the
+//! server handles one connection's messages in order, so the marker coming
+//! back proves the records before it were processed (and passed to every
 //! subscriber connected at that moment). No marker within the timeout: the
 //! record is retried (a duplicate with the same id, never a loss).
 
@@ -80,32 +80,40 @@ impl Client {
         })
     }
 
-    pub async fn publish(&self, record: &OutgoingRecord) -> Result<(), NatsError> {
-        let conn = self
-            .conn
-            .get(|| self.connect())
-            .await
-            .map_err(|e| match e {
-                ConnectFailure::Paused(d) => NatsError::Paused(d),
-                ConnectFailure::Failed(e) => e,
-            })?;
+    /// Publishes `records` and one marker after them; the marker coming
+    /// back confirms every one of them. Returns, per record, the error that
+    /// is its own (over `max_payload`), and the outcome shared by the
+    /// others.
+    pub async fn publish_many(
+        &self,
+        records: &[OutgoingRecord],
+    ) -> (Vec<Option<NatsError>>, Result<(), NatsError>) {
+        let mut own: Vec<Option<NatsError>> = records.iter().map(|_| None).collect();
+        let conn = match self.conn.get(|| self.connect()).await {
+            Ok(c) => c,
+            Err(ConnectFailure::Paused(d)) => return (own, Err(NatsError::Paused(d))),
+            Err(ConnectFailure::Failed(e)) => return (own, Err(e)),
+        };
         let client = &conn.client;
         let max = client.server_info().max_payload;
-        let size = record.body.len() + 128;
-        if max > 0 && size > max {
-            return Err(NatsError::TooLarge { size, max });
-        }
         let token = conn.next.fetch_add(1, Ordering::Relaxed);
         let (done, confirmed) = oneshot::channel();
         conn.waiters.lock().await.insert(token, done);
         let sent = async {
-            client
-                .publish_with_headers(
-                    self.config.subject.clone(),
-                    encode::headers(record),
-                    record.body.clone(),
-                )
-                .await?;
+            for (record, own) in records.iter().zip(own.iter_mut()) {
+                let size = record.body.len() + 128;
+                if max > 0 && size > max {
+                    *own = Some(NatsError::TooLarge { size, max });
+                    continue;
+                }
+                client
+                    .publish_with_headers(
+                        self.config.subject.clone(),
+                        encode::headers(record),
+                        record.body.clone(),
+                    )
+                    .await?;
+            }
             client
                 .publish(conn.inbox.clone(), token.to_string().into())
                 .await?;
@@ -114,18 +122,19 @@ impl Client {
         .await;
         if let Err(e) = sent {
             conn.waiters.lock().await.remove(&token);
-            return Err(NatsError::Publish(e));
+            return (own, Err(NatsError::Publish(e)));
         }
         if let Err(e) = client.flush().await {
             conn.waiters.lock().await.remove(&token);
-            return Err(NatsError::Flush(e));
+            return (own, Err(NatsError::Flush(e)));
         }
-        match tokio::time::timeout(CONFIRM_TIMEOUT, confirmed).await {
+        let shared = match tokio::time::timeout(CONFIRM_TIMEOUT, confirmed).await {
             Ok(Ok(())) => Ok(()),
             _ => {
                 conn.waiters.lock().await.remove(&token);
                 Err(NatsError::NotConfirmed)
             }
-        }
+        };
+        (own, shared)
     }
 }

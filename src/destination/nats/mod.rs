@@ -79,7 +79,23 @@ impl Destination for NatsDestination {
     }
 
     async fn send(&self, record: &OutgoingRecord) -> Result<(), DeliveryError> {
-        self.client.publish(record).await.map_err(Into::into)
+        self.send_batch(std::slice::from_ref(record))
+            .await
+            .pop()
+            .expect("one result")
+    }
+
+    /// The batch is published in order, then one marker confirms it all.
+    async fn send_batch(&self, records: &[OutgoingRecord]) -> Vec<Result<(), DeliveryError>> {
+        let (own, shared) = self.client.publish_many(records).await;
+        let shared = shared.map_err(DeliveryError::from);
+        own.into_iter()
+            .map(|e| match (e, &shared) {
+                (Some(e), _) => Err(e.into()),
+                (None, Ok(())) => Ok(()),
+                (None, Err(e)) => Err(e.replicate()),
+            })
+            .collect()
     }
 }
 
