@@ -105,6 +105,10 @@ attempt_timeout = "20s"
 [streams.results]
 backend = "file"
 path = "{{dir}}/results.jsonl"
+# Small batches, several in flight: the fast lane needs shares of
+# `workers` beyond its own first batch, while the slow lane holds them all.
+concurrency = 4
+max_batch = 8
 [topics.slow]
 backend = "webhook"
 url = "{url}"

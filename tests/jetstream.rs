@@ -185,3 +185,124 @@ async fn a_cut_connection_mid_run_loses_nothing() {
     assert_eq!(dups, 0, "Nats-Msg-Id dedup absorbs resends");
     js().await.delete_stream(&name).await.unwrap();
 }
+
+/// A nats-server with JetStream of this test's own (free port, own store),
+/// so the test can kill and restart it without touching the shared server.
+struct OwnServer {
+    child: std::process::Child,
+    port: u16,
+    store: tempfile::TempDir,
+}
+
+impl OwnServer {
+    async fn start(port: u16, store: tempfile::TempDir) -> Self {
+        let child = std::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(store.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server is installed (scripts/test.sh installs it)");
+        let server = Self { child, port, store };
+        wait_until("own nats-server up", Duration::from_secs(20), || async {
+            async_nats::connect(format!("127.0.0.1:{port}"))
+                .await
+                .is_ok()
+        })
+        .await;
+        server
+    }
+
+    /// kill -9, keeping the store for the restart.
+    fn kill(mut self) -> (u16, tempfile::TempDir) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let port = self.port;
+        let store = std::mem::replace(&mut self.store, tempfile::tempdir().unwrap());
+        (port, store)
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_dead_letters_nothing_and_loses_nothing() {
+    // max_attempts = 2: if the outage (no connection, then "no responders"
+    // while JetStream starts) used attempts, records would die.
+    let port = free_port();
+    let server = OwnServer::start(port, tempfile::tempdir().unwrap()).await;
+    let name = "FNRELAY_RESTART";
+    let subject = "fnrelay.restart";
+    jetstream::new(
+        async_nats::connect(format!("127.0.0.1:{port}"))
+            .await
+            .unwrap(),
+    )
+    .create_stream(stream::Config {
+        name: name.into(),
+        subjects: vec![subject.into()],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let toml = format!(
+        r#"
+[journal]
+path = "{{dir}}/journal.db"
+[delivery]
+initial_backoff = "50ms"
+max_backoff = "500ms"
+max_attempts = 2
+breaker_cool_down = "200ms"
+[streams.results]
+backend = "nats-jetstream"
+url = "nats://127.0.0.1:{port}"
+subject = "{subject}"
+ack_timeout = "1s"
+[routes.default]
+success = {{ kind = "STREAM", streamId = "results" }}
+failure = {{ kind = "STREAM", streamId = "results" }}
+"#
+    );
+    let d = start(&toml).await;
+    let delivered = deliveries("Success", "", "Failure", "STREAM", "results");
+    let mut ids = post_many(&d, "before", 50, 500).await;
+    d.wait_metric(&delivered, 50.0).await;
+
+    let (port, store) = server.kill();
+    ids.extend(post_many(&d, "during", 100, 500).await);
+    wait_until("the outage is seen", Duration::from_secs(20), || async {
+        retries(&d.metrics().await, "STREAM", "results") >= 1.0
+    })
+    .await;
+    let server = OwnServer::start(port, store).await;
+    d.wait_metric_for(&delivered, 150.0, Duration::from_secs(60))
+        .await;
+    let text = d.metrics().await;
+    assert!(
+        !text.contains("response_type=\"Error\""),
+        "nothing dead-lettered: {text}"
+    );
+    let js = jetstream::new(
+        async_nats::connect(format!("127.0.0.1:{port}"))
+            .await
+            .unwrap(),
+    );
+    let mut s = js.get_stream(name).await.unwrap();
+    let last = s.info().await.unwrap().state.last_sequence;
+    let mut got = std::collections::HashSet::new();
+    for seq in 1..=last {
+        let m = s.get_raw_message(seq).await.unwrap();
+        got.insert(m.headers.get("Nats-Msg-Id").unwrap().to_string());
+    }
+    for id in ids.values() {
+        assert!(got.contains(id), "{id} is in the stream");
+    }
+    drop(server);
+}

@@ -474,3 +474,39 @@ async fn kill_9_in_the_middle_of_ingest_keeps_every_acknowledged_record() {
     );
     stop(second).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_on_the_same_journal_is_refused_at_start() {
+    // Two daemons on one journal would deliver and count every record
+    // twice (a rolling update on a shared volume): the second must stop at
+    // once with a clear message, and the first must keep working.
+    let dir = tempfile::tempdir().unwrap();
+    let config = webhook_config(free_port());
+    let first = spawn(dir.path(), &config, free_port()).await;
+    let path = dir.path().join("fnrelay.toml");
+    let out = tokio::task::spawn_blocking({
+        let dir = dir.path().to_path_buf();
+        move || {
+            Command::new(binary())
+                .arg("--config")
+                .arg(&path)
+                .current_dir(&dir)
+                .env(
+                    "FNRELAY__SERVER__LISTEN",
+                    format!("127.0.0.1:{}", free_port()),
+                )
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success(), "the second process must not run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is in use by another fnrelay process"),
+        "names the reason: {err}"
+    );
+    let r = reqwest::get(format!("{}/readyz", first.url)).await.unwrap();
+    assert_eq!(r.status(), 200, "the first keeps running");
+}

@@ -70,6 +70,8 @@ struct LaneState {
     /// Batches in flight to this resource.
     slots: Arc<Semaphore>,
     wake: Notify,
+    /// Notified when one of the lane's batches has finished its send.
+    batch_done: Notify,
 }
 
 /// Everything lanes and the completer share.
@@ -183,6 +185,7 @@ fn new_lane(
         breaker: Breaker::new(policy.breaker_failure_threshold, policy.breaker_cool_down),
         slots: Arc::new(Semaphore::new(limits.concurrency.max(1))),
         wake: Notify::new(),
+        batch_done: Notify::new(),
     })
 }
 
@@ -285,16 +288,19 @@ async fn lane_loop(
             continue;
         }
         // A lane's first batch in flight is its own; more need a share of
-        // `delivery.workers`, so slow lanes cannot take every slot.
-        let alone = lane.slots.available_permits() + 1 == lane.limits.concurrency.max(1);
-        let global = if alone {
-            None
-        } else {
+        // `delivery.workers`, so slow lanes cannot take every slot. Waiting
+        // for a share ends as soon as this lane's other batches are done:
+        // then this batch goes as the lane's own, whatever others hold.
+        let global = loop {
+            if lane.slots.available_permits() + 1 == lane.limits.concurrency.max(1) {
+                break None;
+            }
             tokio::select! {
                 // Not sent: the leases end with the process (or the
                 // journal), and the records are due again.
                 _ = cancel.cancelled() => return,
-                g = shared.global.clone().acquire_owned() => Some(g.expect("global semaphore is never closed")),
+                g = shared.global.clone().acquire_owned() => break Some(g.expect("global semaphore is never closed")),
+                _ = lane.batch_done.notified() => {}
             }
         };
         if probe {
@@ -408,6 +414,7 @@ async fn send_batch(
     // The slots are free as soon as the send is over; the outcomes are
     // written by the completer.
     drop(permits);
+    lane.batch_done.notify_one();
     for (record, _) in &mut outcomes {
         record.body = String::new();
     }

@@ -53,7 +53,17 @@ impl Client {
             .await
             .map_err(JetStreamError::Publish)?;
         // A duplicate ack means the stream already holds this record id.
-        ack.await.map(|_| ()).map_err(JetStreamError::Publish)
+        match ack.await {
+            Ok(_) => Ok(()),
+            // No ack because the connection is down (the server restarting):
+            // the destination's failure, not a send that used an attempt.
+            Err(e)
+                if js.client().connection_state() != async_nats::connection::State::Connected =>
+            {
+                Err(JetStreamError::Disconnected(e))
+            }
+            Err(e) => Err(JetStreamError::Publish(e)),
+        }
     }
 
     async fn create_stream(&self, js: &jetstream::Context) -> Result<(), JetStreamError> {

@@ -32,6 +32,9 @@ pub enum JetStreamError {
     /// Publish or PubAck failed.
     #[error("JetStream publish failed")]
     Publish(#[source] async_nats::jetstream::context::PublishError),
+    /// No PubAck while the connection to the server is down.
+    #[error("JetStream publish failed while disconnected from NATS")]
+    Disconnected(#[source] async_nats::jetstream::context::PublishError),
     /// The stream checked at start is missing or cannot be created.
     #[error("stream `{stream}`: {reason}")]
     Stream {
@@ -83,6 +86,9 @@ impl From<JetStreamError> for DeliveryError {
             }
             JetStreamError::Stream { .. } => {
                 DeliveryError::permanent(ErrorLabel::NotFound, message)
+            }
+            JetStreamError::Disconnected(_) => {
+                DeliveryError::retry(ErrorLabel::ConnectionFailed, message).with_source(e)
             }
         }
     }
