@@ -12,10 +12,13 @@
 //! - [`record`]: event validation and the invocation record v1.0. Pure.
 //! - [`routing`]: destinations as events and routes name them, and the
 //!   precedence between inline destinations and routes. Pure.
-//! - [`journal`]: the durable store (SQLite, group commit) behind the
-//!   [`journal::Journal`] trait. The only module that touches the database.
-//! - [`dispatch`]: claims due records, runs the worker pool, retry policy
-//!   (backoff) and circuit breakers, writes outcomes back.
+//! - [`journal`]: the durable store (SQLite, group commit, leased claims)
+//!   behind the [`journal::Journal`] trait. The only module that touches the
+//!   database.
+//! - [`dispatch`]: one lane per destination resource (its claims, batches,
+//!   concurrency and circuit breaker), the retry policy (backoff) and the
+//!   disposition of failures, and the completer that writes outcomes back
+//!   in batches.
 //! - [`destination`]: the [`destination::Destination`] trait and one folder
 //!   per backend. The only modules that talk to networks or brokers.
 //! - [`metrics`]: every Prometheus metric, with bounded labels.
