@@ -16,7 +16,7 @@
 //! with others) ends it. The in-memory gauges move only when a commit
 //! succeeded and are recounted from the database by [`Journal::resync`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,14 +64,33 @@ CREATE INDEX IF NOT EXISTS records_lane_due ON records (kind, resource_id, next_
 CREATE INDEX IF NOT EXISTS records_pending_age ON records (accepted_at) WHERE state = 'pending';
 ";
 
-/// Changes to the in-memory gauges, applied only after the commit.
+/// Changes to the in-memory state, applied only after the commit.
 #[derive(Default)]
 struct Delta {
     pending: i64,
     dead: i64,
     /// Absolute values from a recount.
     set: Option<(u64, u64)>,
+    /// Records this commit added, handed to their lanes' claims without a
+    /// read back from the database.
+    fresh: Vec<Claimed>,
 }
+
+/// Records committed by this process and not claimed yet, per lane. Every
+/// one is pending and unleased: it leaves here when it is leased, by
+/// either claim path, and only a leased record can get an outcome.
+#[derive(Default)]
+struct Fresh {
+    order: VecDeque<String>,
+    items: HashMap<String, Claimed>,
+}
+
+/// Most fresh records kept per lane; past that they are read back from
+/// the database like any other (a lane whose destination is down).
+const FRESH_PER_LANE: usize = 16_384;
+/// One claim in this many reads the database first, so that due retries
+/// are not starved by a constant stream of fresh records.
+const DATABASE_FIRST_EVERY: u32 = 4;
 
 type Reply = Box<dyn FnOnce(Option<&str>, &Shared) + Send>;
 type Job = Box<dyn FnOnce(&Connection) -> Reply + Send>;
@@ -86,6 +105,8 @@ struct Lease {
 struct Leases {
     by_id: HashMap<String, Lease>,
     per_lane: HashMap<Lane, usize>,
+    fresh: HashMap<Lane, Fresh>,
+    turns: HashMap<Lane, u32>,
 }
 
 impl Leases {
@@ -95,6 +116,9 @@ impl Leases {
 
     fn insert(&mut self, id: String, lease: Lease) {
         let lane = lease.lane.clone();
+        if let Some(f) = self.fresh.get_mut(&lane) {
+            f.items.remove(&id);
+        }
         if self.by_id.insert(id, lease).is_none() {
             *self.per_lane.entry(lane).or_default() += 1;
         }
@@ -115,6 +139,64 @@ impl Leases {
 
     fn held(&self, lane: &Lane) -> usize {
         self.per_lane.get(lane).copied().unwrap_or(0)
+    }
+
+    /// Hands committed records to their lanes (called after the commit,
+    /// before any outcome of theirs can be committed).
+    fn add_fresh(&mut self, records: Vec<Claimed>) {
+        for r in records {
+            if self.by_id.contains_key(&r.id) {
+                continue;
+            }
+            let lane = Lane {
+                kind: r.target.kind,
+                resource_id: r.target.resource_id.clone(),
+            };
+            let f = self.fresh.entry(lane).or_default();
+            if f.items.len() < FRESH_PER_LANE {
+                f.order.push_back(r.id.clone());
+                f.items.insert(r.id.clone(), r);
+            }
+        }
+    }
+
+    /// Leases up to `limit` fresh records of `lane` into `out`.
+    fn take_fresh(
+        &mut self,
+        lane: &Lane,
+        limit: usize,
+        until_ms: i64,
+        tokens: &AtomicU64,
+        out: &mut Vec<Claimed>,
+    ) {
+        let mut taken = Vec::new();
+        if let Some(f) = self.fresh.get_mut(lane) {
+            while out.len() + taken.len() < limit {
+                let Some(id) = f.order.pop_front() else { break };
+                if let Some(c) = f.items.remove(&id) {
+                    taken.push(c);
+                }
+            }
+            if f.order.is_empty() {
+                f.order.shrink_to(64);
+            }
+        }
+        for mut c in taken {
+            c.token = tokens.fetch_add(1, Ordering::Relaxed);
+            self.insert(
+                c.id.clone(),
+                Lease {
+                    token: c.token,
+                    until_ms,
+                    lane: lane.clone(),
+                },
+            );
+            out.push(c);
+        }
+    }
+
+    fn has_fresh(&self, lane: &Lane) -> bool {
+        self.fresh.get(lane).is_some_and(|f| !f.items.is_empty())
     }
 }
 
@@ -138,6 +220,9 @@ impl Shared {
         };
         add(&self.pending, d.pending);
         add(&self.dead, d.dead);
+        if !d.fresh.is_empty() {
+            self.leases().add_fresh(d.fresh);
+        }
     }
 
     fn leases(&self) -> std::sync::MutexGuard<'_, Leases> {
@@ -305,7 +390,9 @@ impl SqliteJournal {
         .map_err(JournalError::Sqlite)
     }
 
-    /// Claims rows chosen by `select` (rowid, id; ordered), skipping live leases.
+    /// Claims rows chosen by `select` (rowid, id; ordered), skipping live
+    /// leases; with `use_fresh`, serves the lane's fresh records too.
+    #[allow(clippy::too_many_arguments)]
     async fn claim_where(
         &self,
         lane: &Lane,
@@ -314,12 +401,25 @@ impl SqliteJournal {
         now_ms: i64,
         limit: usize,
         lease: Duration,
+        use_fresh: bool,
     ) -> Result<Vec<Claimed>, JournalError> {
         let lane = lane.clone();
         let until_ms = now_ms.saturating_add(lease.as_millis() as i64);
         self.read(move |conn, shared| {
             let mut leases = shared.leases();
-            let scan = limit + leases.held(&lane);
+            let mut out = Vec::with_capacity(limit);
+            let database_first = use_fresh && {
+                let turn = leases.turns.entry(lane.clone()).or_default();
+                *turn = turn.wrapping_add(1);
+                turn.is_multiple_of(DATABASE_FIRST_EVERY)
+            };
+            if use_fresh && !database_first {
+                leases.take_fresh(&lane, limit, until_ms, &shared.next_token, &mut out);
+                if out.len() == limit {
+                    return Ok(out);
+                }
+            }
+            let scan = limit - out.len() + leases.held(&lane);
             let mut ids = conn.prepare_cached(select)?;
             let rows = ids
                 .query_map(
@@ -329,7 +429,6 @@ impl SqliteJournal {
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let mut fetch =
                 conn.prepare_cached(&format!("SELECT {COLUMNS} FROM records WHERE rowid = ?1"))?;
-            let mut out = Vec::with_capacity(limit.min(rows.len()));
             for (rowid, id) in rows {
                 if out.len() == limit {
                     break;
@@ -350,6 +449,9 @@ impl SqliteJournal {
                     },
                 );
                 out.push(claimed);
+            }
+            if database_first && out.len() < limit {
+                leases.take_fresh(&lane, limit, until_ms, &shared.next_token, &mut out);
             }
             Ok(out)
         })
@@ -454,6 +556,7 @@ impl Journal for SqliteJournal {
             let mut existing = tx.prepare_cached("SELECT id FROM records WHERE fn_call_id = ?1")?;
             let mut out = Vec::with_capacity(records.len());
             let mut added = 0i64;
+            let mut fresh = Vec::new();
             for r in records {
                 let (kind, resource, channel, state) = match &r.target {
                     Some(t) => (
@@ -478,13 +581,25 @@ impl Journal for SqliteJournal {
                     r.accepted_at_ms,
                 ])?;
                 if n == 1 {
-                    if state == "pending" {
-                        added += 1;
-                    }
                     out.push(Appended {
-                        id: r.id,
+                        id: r.id.clone(),
                         existing: false,
                     });
+                    if let Some(target) = r.target {
+                        added += 1;
+                        fresh.push(Claimed {
+                            id: r.id,
+                            fn_call_id: r.fn_call_id,
+                            function_id: r.function_id,
+                            destination_type: r.destination_type,
+                            target,
+                            body: r.body,
+                            attempts: 0,
+                            accepted_at_ms: r.accepted_at_ms,
+                            age_from_ms: r.accepted_at_ms,
+                            token: 0,
+                        });
+                    }
                 } else {
                     let id: String = existing.query_row([&r.fn_call_id], |row| row.get(0))?;
                     out.push(Appended { id, existing: true });
@@ -494,6 +609,7 @@ impl Journal for SqliteJournal {
                 out,
                 Delta {
                     pending: added,
+                    fresh,
                     ..Delta::default()
                 },
             ))
@@ -517,6 +633,7 @@ impl Journal for SqliteJournal {
             now_ms,
             limit,
             lease,
+            true,
         )
         .await
     }
@@ -537,6 +654,7 @@ impl Journal for SqliteJournal {
             now_ms(),
             limit,
             lease,
+            false,
         )
         .await
     }
@@ -563,6 +681,9 @@ impl Journal for SqliteJournal {
         let lane = lane.clone();
         self.read(move |conn, shared| {
             let leases = shared.leases();
+            if leases.has_fresh(&lane) {
+                return Ok(Some(0));
+            }
             let held = leases.held(&lane);
             let mut stmt = conn.prepare_cached(
                 "SELECT id, next_attempt_at FROM records INDEXED BY records_lane_due
@@ -753,7 +874,7 @@ impl Journal for SqliteJournal {
                 Delta {
                     pending: n as i64,
                     dead: -(n as i64),
-                    set: None,
+                    ..Delta::default()
                 },
             ))
         })
@@ -1088,6 +1209,69 @@ mod tests {
             1 + ok.len() as u64,
             "the gauge moved only with commits"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fresh_and_database_claims_hand_out_each_record_once() {
+        // Appends, claims (fresh records and database reads alternate) and
+        // outcomes run concurrently: every record is claimed exactly once
+        // and none comes back after its outcome.
+        let dir = tempfile::tempdir().unwrap();
+        let j = Arc::new(SqliteJournal::open(&dir.path().join("j.db"), 64).unwrap());
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let j = j.clone();
+                tokio::spawn(async move {
+                    for b in 0..25 {
+                        let batch = (0..10)
+                            .map(|i| {
+                                let n = w * 1000 + b * 10 + i;
+                                new(&format!("R{n:05}"), &format!("c{n}"), true)
+                            })
+                            .collect();
+                        j.append(batch).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while seen.len() < 1000 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "claimed {}",
+                seen.len()
+            );
+            let got = j.claim(&lane(), i64::MAX / 2, 37, LEASE).await.unwrap();
+            let outcomes = got
+                .iter()
+                .map(|c| {
+                    assert!(seen.insert(c.id.clone()), "{} claimed twice", c.id);
+                    Outcome::Delivered {
+                        id: c.id.clone(),
+                        token: c.token,
+                        attempts: 1,
+                    }
+                })
+                .collect::<Vec<_>>();
+            let applied = j.complete(outcomes).await.unwrap();
+            assert!(applied.iter().all(|a| *a));
+            if got.is_empty() {
+                tokio::task::yield_now().await;
+            }
+        }
+        for w in writers {
+            w.await.unwrap();
+        }
+        for _ in 0..8 {
+            assert!(
+                j.claim(&lane(), i64::MAX / 2, 100, LEASE)
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+        }
+        assert_eq!(j.pending(), 0);
     }
 
     #[tokio::test]
