@@ -36,7 +36,7 @@ pub struct Config {
     /// The durable journal of accepted records.
     #[serde(default)]
     pub journal: JournalConfig,
-    /// Retry policy, worker pool and circuit breaker.
+    /// Retry policy, lanes (global cap, linger, lease) and circuit breakers.
     #[serde(default)]
     pub delivery: DeliveryConfig,
     /// Log format and level.
