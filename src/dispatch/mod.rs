@@ -40,6 +40,8 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 /// How often delivered records past retention are pruned and the journal
 /// gauges recounted.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How long the completer pauses after the journal failed to take outcomes.
+const COMPLETE_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// Outcomes the completer writes in one journal call at most.
 const MAX_OUTCOMES_PER_COMMIT: usize = 8192;
 
@@ -661,12 +663,13 @@ async fn completer(
         let applied = match journal.complete(outcomes).await {
             Ok(applied) => applied,
             Err(e) => {
-                // The leases ended: these records are due again and will be
-                // delivered again (same id), never lost.
-                tracing::error!(records = n, error = %e, "cannot record delivery outcomes in the journal; the records will be sent again");
-                for d in group.drain(..) {
-                    d.lane.wake.notify_one();
-                }
+                // Their leases stay until they run out (`delivery.lease`);
+                // then the records are sent again (same id), never lost.
+                // Pausing here fills the outcome channel, which holds the
+                // lanes' slots: no storm of resends while the journal fails.
+                tracing::error!(records = n, error = %e, "cannot record delivery outcomes in the journal; the records will be sent again when their lease ends");
+                group.clear();
+                tokio::time::sleep(COMPLETE_RETRY_PAUSE).await;
                 continue;
             }
         };

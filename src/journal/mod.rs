@@ -268,7 +268,9 @@ pub trait Journal: Send + Sync + 'static {
     /// Records outcomes in one transaction. An outcome whose claim token no
     /// longer holds (its lease ended and the record was claimed again) is
     /// not written. Returns, per outcome, whether it changed the record, so
-    /// each final outcome is counted once. The leases end either way.
+    /// each final outcome is counted once. The leases end when the outcomes
+    /// are written; if they are not, the leases run out and the records are
+    /// claimed again.
     async fn complete(&self, outcomes: Vec<Outcome>) -> Result<Vec<bool>, JournalError>;
 
     /// Dead letters, oldest first, after the given id.

@@ -802,11 +802,15 @@ impl Journal for SqliteJournal {
                 Ok((applied, delta))
             })
             .await;
-        // Committed or not, these claims are over: a record whose outcome
-        // was not written is claimable again (delivered twice, never lost).
-        let mut leases = self.shared.leases();
-        for (id, token) in ended {
-            leases.end(&id, token);
+        // Written: these claims are over. Not written (the journal cannot
+        // write): the leases stay until they run out, then the records are
+        // claimed and sent again (twice, never lost) without a tight loop of
+        // resends while the journal is failing.
+        if result.is_ok() {
+            let mut leases = self.shared.leases();
+            for (id, token) in ended {
+                leases.end(&id, token);
+            }
         }
         result
     }
@@ -1135,6 +1139,35 @@ mod tests {
         assert_eq!(now, [true]);
         let stats = j.stats().await.unwrap();
         assert_eq!((stats.pending, stats.dead), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn an_outcome_that_cannot_be_written_keeps_its_lease_until_it_runs_out() {
+        // The journal refuses writes: no storm of re-claims and resends;
+        // the record comes back once its lease has run out.
+        let dir = tempfile::tempdir().unwrap();
+        let j = SqliteJournal::open(&dir.path().join("j.db"), 64).unwrap();
+        j.append(vec![new("A", "c1", true)]).await.unwrap();
+        let lease = Duration::from_millis(500);
+        let got = j.claim(&lane(), 1_000, 10, lease).await.unwrap();
+        j.run(|tx| {
+            tx.execute_batch("PRAGMA query_only = 1")?;
+            Ok(((), Delta::default()))
+        })
+        .await
+        .unwrap();
+        let failed = j
+            .complete(vec![Outcome::Delivered {
+                id: "A".into(),
+                token: got[0].token,
+                attempts: 1,
+            }])
+            .await;
+        assert!(failed.is_err(), "the write must fail");
+        assert!(j.claim(&lane(), 1_001, 10, lease).await.unwrap().is_empty());
+        let again = j.claim(&lane(), 1_500, 10, lease).await.unwrap();
+        assert_eq!(again.len(), 1, "claimable once the lease ran out");
+        assert_eq!(j.pending(), 1);
     }
 
     #[tokio::test]
