@@ -196,7 +196,13 @@ struct OwnServer {
 
 impl OwnServer {
     async fn start(port: u16, store: tempfile::TempDir) -> Self {
-        let child = std::process::Command::new("nats-server")
+        // Debian installs it in /usr/sbin, which is not on every PATH.
+        let binary = if std::path::Path::new("/usr/sbin/nats-server").exists() {
+            "/usr/sbin/nats-server"
+        } else {
+            "nats-server"
+        };
+        let child = std::process::Command::new(binary)
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(store.path())
             .stdout(std::process::Stdio::null())
