@@ -40,6 +40,8 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 /// How often delivered records past retention are pruned and the journal
 /// gauges recounted.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How often a lane whose breaker is open looks for expired records.
+const EXPIRY_CHECK_EVERY: Duration = Duration::from_secs(30);
 /// How long the completer pauses after the journal failed to take outcomes.
 const COMPLETE_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// Outcomes the completer writes in one journal call at most.
@@ -215,6 +217,7 @@ async fn lane_loop(
     cancel: CancellationToken,
 ) {
     let lease = shared.policy.lease;
+    let mut next_expiry_check = tokio::time::Instant::now();
     loop {
         if cancel.is_cancelled() {
             return;
@@ -231,8 +234,13 @@ async fn lane_loop(
             }
             Admit::Wait(d) => {
                 // Open: claim nothing, except records past max_record_age,
-                // which are dead-lettered on time.
-                expire_waiting(&lane, &shared).await;
+                // which are dead-lettered on time (looked for at most every
+                // EXPIRY_CHECK_EVERY: the look walks the lane's backlog).
+                let now = tokio::time::Instant::now();
+                if now >= next_expiry_check {
+                    expire_waiting(&lane, &shared).await;
+                    next_expiry_check = now + EXPIRY_CHECK_EVERY;
+                }
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(d) => {}
