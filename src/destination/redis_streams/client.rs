@@ -53,6 +53,48 @@ impl Client {
         }
     }
 
+    /// XADDs a batch in one pipeline: one round trip, one result per
+    /// record. `Err` when the pipeline as a whole failed (connection).
+    pub async fn xadd_batch(
+        &self,
+        records: &[OutgoingRecord],
+    ) -> Result<Vec<Result<(), RedisStreamsError>>, RedisStreamsError> {
+        let mut conn = self.connection().await?;
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for r in records {
+            pipe.add_command(encode::xadd(&self.config.stream_key, self.config.maxlen, r));
+        }
+        let answered: Result<Vec<redis::RedisResult<String>>, _> =
+            pipe.query_async(&mut conn).await;
+        let per = match answered {
+            Ok(per) if per.len() == records.len() => per,
+            Ok(per) => {
+                self.conn.reset().await;
+                return Err(RedisStreamsError::Answers {
+                    got: per.len(),
+                    sent: records.len(),
+                });
+            }
+            Err(e) => {
+                if must_reconnect(&e) {
+                    self.conn.reset().await;
+                }
+                return Err(RedisStreamsError::Command(e));
+            }
+        };
+        if per
+            .iter()
+            .any(|r| r.as_ref().err().is_some_and(must_reconnect))
+        {
+            self.conn.reset().await;
+        }
+        Ok(per
+            .into_iter()
+            .map(|r| r.map(|_entry| ()).map_err(RedisStreamsError::Command))
+            .collect())
+    }
+
     /// Connects and checks the key is a stream or absent.
     pub async fn check(&self) -> Result<(), RedisStreamsError> {
         let mut conn = self.connection().await?;

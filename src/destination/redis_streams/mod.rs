@@ -27,6 +27,14 @@ pub enum RedisStreamsError {
     /// The command failed.
     #[error("XADD failed")]
     Command(#[source] redis::RedisError),
+    /// A pipeline's answer did not have one result per command.
+    #[error("Redis answered {got} results for a pipeline of {sent} XADDs")]
+    Answers {
+        /// Results received.
+        got: usize,
+        /// Commands sent.
+        sent: usize,
+    },
     /// The stream key holds another type (found by the start check).
     #[error("key `{key}` is a {kind}, not a stream")]
     WrongType {
@@ -75,6 +83,7 @@ impl From<RedisStreamsError> for DeliveryError {
                 classify(inner)
             }
             RedisStreamsError::WrongType { .. } => (ErrorLabel::Rejected, false),
+            RedisStreamsError::Answers { .. } => (ErrorLabel::ServerError, true),
             RedisStreamsError::Paused(after) => {
                 return DeliveryError::retry(ErrorLabel::ConnectionFailed, message)
                     .with_retry_after(Some(*after));
@@ -102,6 +111,17 @@ impl Destination for RedisStreamsDestination {
 
     async fn send(&self, record: &OutgoingRecord) -> Result<(), DeliveryError> {
         self.client.xadd(record).await.map_err(Into::into)
+    }
+
+    /// One pipeline of XADDs for the whole batch.
+    async fn send_batch(&self, records: &[OutgoingRecord]) -> Vec<Result<(), DeliveryError>> {
+        match self.client.xadd_batch(records).await {
+            Ok(per) => per.into_iter().map(|r| r.map_err(Into::into)).collect(),
+            Err(e) => {
+                let e = DeliveryError::from(e);
+                records.iter().map(|_| Err(e.replicate())).collect()
+            }
+        }
     }
 
     async fn check(&self) -> Result<(), DeliveryError> {
