@@ -29,6 +29,18 @@ async fn js() -> jetstream::Context {
     jetstream::new(async_nats::connect(SERVER).await.unwrap())
 }
 
+/// Creates a stream capturing `subject` on the shared server.
+async fn create_stream(name: &str, subject: &str) {
+    js().await
+        .create_stream(stream::Config {
+            name: name.into(),
+            subjects: vec![subject.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
 /// Every message of the stream: (Nats-Msg-Id, body, key header).
 async fn read_all(name: &str) -> Vec<(String, serde_json::Value, String)> {
     let js = js().await;
@@ -114,14 +126,7 @@ async fn no_responders_while_the_stream_is_missing_do_not_dead_letter() {
         !text.contains("response_type=\"Error\""),
         "not dead-lettered: {text}"
     );
-    js().await
-        .create_stream(stream::Config {
-            name: name.clone(),
-            subjects: vec![subject.clone()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create_stream(&name, &subject).await;
     d.wait_metric_for(
         &deliveries("Success", "", "Failure", "STREAM", "results"),
         5.0,
@@ -155,14 +160,7 @@ fn check_config_fails_when_the_stream_is_missing() {
 async fn a_cut_connection_mid_run_loses_nothing() {
     let name = unique("FNRELAY_CUT").replace('-', "_");
     let subject = format!("fnrelay.{name}");
-    js().await
-        .create_stream(stream::Config {
-            name: name.clone(),
-            subjects: vec![subject.clone()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create_stream(&name, &subject).await;
     let proxy = Proxy::start(SERVER).await;
     let d = start(&config(
         &proxy.addr.to_string(),
