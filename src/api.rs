@@ -10,22 +10,26 @@ use std::time::{Duration, SystemTime};
 
 use axum::Json;
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use time::OffsetDateTime;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::journal::{Journal, NewRecord, Target, now_ms};
+use crate::journal::{Journal, JournalError, NewRecord, Target, now_ms};
+use crate::logging::{Chain, RateLimited, clip};
 use crate::metrics::Metrics;
-use crate::record::{Completion, DestinationType, FieldError, Limits, build_record, parse_request};
+use crate::record::{
+    self, Completion, DestinationType, FieldError, Limits, build_record, parse_request,
+};
 use crate::routing::{self, DestSpec};
 
 /// What handlers share.
@@ -44,6 +48,52 @@ pub struct AppState {
     pub token: Option<String>,
     /// Monotonic ULIDs: ids of one batch sort in accept order.
     pub ulids: Mutex<ulid::Generator>,
+    /// Request budget: one permit per request being handled.
+    pub requests: Arc<Semaphore>,
+    /// Body budget: one permit per body byte held.
+    pub body_bytes: Arc<Semaphore>,
+    /// Repeated per-request errors, logged once per window.
+    pub errors: RateLimited,
+}
+
+impl AppState {
+    /// The state for `config`, with its budgets.
+    pub fn new(
+        config: Arc<Config>,
+        journal: Arc<dyn Journal>,
+        metrics: Arc<Metrics>,
+        wake: Arc<Notify>,
+        shutdown: CancellationToken,
+        token: Option<String>,
+    ) -> Self {
+        let server = &config.server;
+        Self {
+            requests: Arc::new(Semaphore::new(server.max_requests_in_flight)),
+            body_bytes: Arc::new(Semaphore::new(server.max_body_bytes_in_flight)),
+            config,
+            journal,
+            metrics,
+            wake,
+            shutdown,
+            token,
+            ulids: Mutex::new(ulid::Generator::new()),
+            errors: RateLimited::new(Duration::from_secs(10)),
+        }
+    }
+
+    /// Logs a per-request error at most once per 10 s per kind and error
+    /// text, with the number of lines suppressed meanwhile.
+    fn log_error(&self, what: &'static str, error: &(dyn std::error::Error + 'static)) {
+        let text = Chain(error).to_string();
+        if let Some(suppressed) = self.errors.allow(&format!("{what}\0{text}")) {
+            tracing::error!(
+                error = %text,
+                journal = %self.config.journal.path.display(),
+                suppressed,
+                "{what}"
+            );
+        }
+    }
 }
 
 /// Errors the API answers with. Client errors name the field; internal
@@ -60,19 +110,50 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     /// 415: not `application/json`.
     UnsupportedMediaType(String),
-    /// 503 with Retry-After.
+    /// 408: the body did not arrive within `server.body_read_timeout`.
+    BodyTimeout(std::time::Duration),
+    /// 409: a known fnCallId re-posted with other content.
+    Conflict(Vec<FieldError>),
+    /// 503 with Retry-After: 5 (journal over its high-water mark or
+    /// failing, shutting down).
     Unavailable(&'static str),
+    /// 503 with Retry-After: 1 (a request or body budget is momentarily
+    /// full).
+    Busy(&'static str),
     /// 500.
     Internal,
+}
+
+/// Most field errors in one answer; the rest are counted.
+const MAX_FIELD_ERRORS: usize = 100;
+
+fn capped(mut fields: Vec<FieldError>) -> Vec<FieldError> {
+    if fields.len() > MAX_FIELD_ERRORS {
+        let more = fields.len() - MAX_FIELD_ERRORS;
+        fields.truncate(MAX_FIELD_ERRORS);
+        fields.push(FieldError::new(
+            "...",
+            format!("{more} more errors not shown"),
+        ));
+    }
+    fields
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, body) = match self {
-            ApiError::BadRequest(fields) => (
-                StatusCode::BAD_REQUEST,
-                json!({"error": "invalid_request", "message": summary(&fields), "fields": fields}),
-            ),
+            ApiError::BadRequest(fields) => (StatusCode::BAD_REQUEST, {
+                let fields = capped(fields);
+                json!({"error": "invalid_request", "message": summary(&fields), "fields": fields})
+            }),
+            ApiError::Forbidden(fields) => (StatusCode::FORBIDDEN, {
+                let fields = capped(fields);
+                json!({"error": "forbidden", "message": summary(&fields), "fields": fields})
+            }),
+            ApiError::Conflict(fields) => (StatusCode::CONFLICT, {
+                let fields = capped(fields);
+                json!({"error": "conflict", "message": summary(&fields), "fields": fields})
+            }),
             ApiError::Unauthorized => {
                 let mut r = (
                     StatusCode::UNAUTHORIZED,
@@ -83,18 +164,24 @@ impl IntoResponse for ApiError {
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
                 return r;
             }
-            ApiError::Forbidden(fields) => (
-                StatusCode::FORBIDDEN,
-                json!({"error": "forbidden", "message": summary(&fields), "fields": fields}),
-            ),
             ApiError::PayloadTooLarge(limit) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 json!({"error": "payload_too_large", "message": format!("body is over {limit} bytes (server.max_body_bytes)")}),
             ),
             ApiError::UnsupportedMediaType(got) => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                json!({"error": "unsupported_media_type", "message": format!("Content-Type must be application/json, got `{got}`")}),
+                json!({"error": "unsupported_media_type", "message": format!("Content-Type must be application/json, got `{}`", clip(&got))}),
             ),
+            ApiError::BodyTimeout(limit) => {
+                let mut r = (
+                    StatusCode::REQUEST_TIMEOUT,
+                    Json(json!({"error": "request_timeout", "message": format!("the body did not arrive within {} (server.body_read_timeout)", humantime::format_duration(limit))})),
+                )
+                    .into_response();
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return r;
+            }
             ApiError::Unavailable(why) => {
                 let mut r = (
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -103,6 +190,16 @@ impl IntoResponse for ApiError {
                     .into_response();
                 r.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                return r;
+            }
+            ApiError::Busy(why) => {
+                let mut r = (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(json!({"error": "unavailable", "message": why})),
+                )
+                    .into_response();
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 return r;
             }
             ApiError::Internal => (
@@ -124,7 +221,6 @@ fn summary(fields: &[FieldError]) -> String {
 
 /// Builds the router.
 pub fn router(state: Arc<AppState>) -> Router {
-    let limit = state.config.server.max_body_bytes;
     Router::new()
         .route("/v1/completions", post(ingest))
         .route("/v1/dead-letters", get(list_dead))
@@ -132,19 +228,105 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limit_requests,
+        ))
         .with_state(state)
+}
+
+/// Over `server.max_requests_in_flight`, 503 at once: no queue in memory.
+async fn limit_requests(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Ok(_permit) = state.requests.clone().try_acquire_owned() else {
+        return ApiError::Busy(
+            "too many requests in flight (server.max_requests_in_flight); retry later",
+        )
+        .into_response();
+    };
+    next.run(request).await
+}
+
+/// Reads a body of at most `limit` bytes within `server.body_read_timeout`,
+/// holding its size from the body budget (`server.max_body_bytes_in_flight`)
+/// until the returned permit is dropped. Over the budget: 503 before reading.
+async fn read_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<(Bytes, OwnedSemaphorePermit), ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    let over_budget = || {
+        ApiError::Busy(
+            "too many request bytes in flight (server.max_body_bytes_in_flight); retry later",
+        )
+    };
+    // A body without Content-Length reserves a small share, then grows.
+    let first = declared.unwrap_or(16 * 1024).min(limit).max(1);
+    let mut permit = state
+        .body_bytes
+        .clone()
+        .try_acquire_many_owned(first as u32)
+        .map_err(|_| over_budget())?;
+    let mut held = first;
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
+    let timeout = state.config.server.body_read_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut body = body.into_data_stream();
+    use futures_util::StreamExt;
+    loop {
+        let chunk = match tokio::time::timeout_at(deadline, body.next()).await {
+            Err(_) => return Err(ApiError::BodyTimeout(timeout)),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::BadRequest(vec![FieldError::new(
+                    "body",
+                    format!("cannot read the body: {e}"),
+                )]));
+            }
+            Ok(Some(Ok(chunk))) => chunk,
+        };
+        if buf.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        if buf.len() + chunk.len() > held {
+            let more = (buf.len() + chunk.len()).max(held * 2).min(limit) - held;
+            let extra = state
+                .body_bytes
+                .clone()
+                .try_acquire_many_owned(more as u32)
+                .map_err(|_| over_budget())?;
+            permit.merge(extra);
+            held += more;
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok((buf.freeze(), permit))
+}
+
+/// The `Authorization: Bearer` token; the scheme is case-insensitive
+/// (RFC 7235).
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = &state.token else {
         return Ok(());
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let given = bearer(headers).unwrap_or("");
     aws_lc_rs::constant_time::verify_slices_are_equal(given.as_bytes(), expected.as_bytes())
         .map_err(|_| ApiError::Unauthorized)
 }
@@ -172,7 +354,7 @@ struct AcceptedRecord {
 async fn ingest(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     authorize(&state, &headers)?;
     if state.shutdown.is_cancelled() {
@@ -185,13 +367,7 @@ async fn ingest(
         ));
     }
     require_json(&headers)?;
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(server.max_body_bytes)
-        } else {
-            ApiError::BadRequest(vec![FieldError::new("body", rejection.body_text())])
-        }
-    })?;
+    let (body, _budget) = read_body(&state, &headers, body, server.max_body_bytes).await?;
     let limits = Limits {
         max_batch_size: server.max_batch_size,
         max_id_bytes: server.max_id_bytes,
@@ -276,16 +452,38 @@ async fn ingest(
                 })
             }),
             accepted_at_ms: accepted_ms,
+            digest: record::digest(event),
         })
         .collect();
     let skipped: Vec<Option<DestinationType>> = records
         .iter()
         .map(|r| r.target.is_none().then_some(r.destination_type))
         .collect();
-    let appended = state.journal.append(records).await.map_err(|e| {
-        tracing::error!(error = %e, "cannot journal accepted events");
-        ApiError::Unavailable("journal write failed; retry later")
-    })?;
+    let appended = match state.journal.append(records).await {
+        Ok(a) => a,
+        Err(JournalError::Conflict(conflicts)) => {
+            return Err(ApiError::Conflict(
+                conflicts
+                    .into_iter()
+                    .map(|c| {
+                        FieldError::new(
+                            format!("{}fnCallId", prefix(c.index)),
+                            format!(
+                                "`{}` was accepted before as record {} with other content; differs: {}",
+                                clip(&c.fn_call_id),
+                                c.existing_id,
+                                c.fields.join(", ")
+                            ),
+                        )
+                    })
+                    .collect(),
+            ));
+        }
+        Err(e) => {
+            state.log_error("cannot journal accepted events", &e);
+            return Err(ApiError::Unavailable("journal write failed; retry later"));
+        }
+    };
     state.wake.notify_one();
 
     let new = appended.iter().filter(|a| !a.existing).count() as u64;
@@ -356,7 +554,7 @@ async fn list_dead(
     authorize(&state, &headers)?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let dead = state.journal.list_dead(q.after, limit).await.map_err(|e| {
-        tracing::error!(error = %e, "cannot list dead letters");
+        state.log_error("cannot list dead letters", &e);
         ApiError::Internal
     })?;
     let next = (dead.len() == limit)
@@ -377,9 +575,11 @@ struct ReplayRequest {
 async fn replay_dead(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&state, &headers)?;
+    let (body, _budget) =
+        read_body(&state, &headers, body, state.config.server.max_body_bytes).await?;
     let req: ReplayRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(vec![FieldError::new("body", e.to_string())]))?;
     let ids = match (req.ids, req.all) {
@@ -397,7 +597,7 @@ async fn replay_dead(
         .replay_dead(ids, now_ms())
         .await
         .map_err(|e| {
-            tracing::error!(error = %e, "cannot replay dead letters");
+            state.log_error("cannot replay dead letters", &e);
             ApiError::Internal
         })?;
     tracing::info!(records = n, "dead letters replayed on request");
@@ -408,7 +608,7 @@ async fn replay_dead(
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     match state.journal.stats().await {
         Ok(stats) => state.metrics.journal(&stats, now_ms()),
-        Err(e) => tracing::warn!(error = %e, "cannot read journal stats for /metrics"),
+        Err(e) => state.log_error("cannot read journal stats for /metrics", &e),
     }
     (
         [(
@@ -427,7 +627,7 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
     match tokio::time::timeout(Duration::from_secs(2), state.journal.check_writable()).await {
         Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "readiness: journal is not writable");
+            state.log_error("readiness: journal is not writable", &e);
             (StatusCode::SERVICE_UNAVAILABLE, "journal not writable\n").into_response()
         }
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "journal not answering\n").into_response(),

@@ -77,10 +77,37 @@ pub struct ServerConfig {
     pub max_id_bytes: usize,
     /// Longest accepted `errorMessage`, in bytes.
     pub max_error_message_bytes: usize,
-    /// How long SIGTERM waits for in-flight deliveries before exiting.
+    /// How long SIGTERM waits for open requests and in-flight deliveries
+    /// before exiting, whatever the clients do.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// A client must send a request's whole header within this time of
+    /// starting it (or of opening the connection); then the connection is
+    /// closed.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A request's whole body must arrive within this time of its header:
+    /// `max_body_bytes / body_read_timeout` is the slowest rate served.
+    /// Over it the request gets 408 and the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// A keep-alive connection with no request for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Most open client connections; one more is answered 503 and closed.
+    /// Lowered at start to fit the process's open-file limit.
+    pub max_connections: usize,
+    /// Most requests being handled at once; one more is answered 503.
+    pub max_requests_in_flight: usize,
+    /// Most request-body bytes held at once across all requests (a body is
+    /// held until its request is answered). A request that would go over is
+    /// answered 503 with Retry-After before its body is read.
+    pub max_body_bytes_in_flight: usize,
 }
+
+/// The largest `server.max_id_bytes` accepted: ids are echoed in answers
+/// and logs, so they stay short.
+pub const MAX_ID_BYTES_LIMIT: usize = 4096;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -93,6 +120,12 @@ impl Default for ServerConfig {
             max_id_bytes: 255,
             max_error_message_bytes: 8192,
             shutdown_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+            max_requests_in_flight: 1024,
+            max_body_bytes_in_flight: 32 * 1024 * 1024,
         }
     }
 }
@@ -466,12 +499,56 @@ impl Config {
                 "server.max_error_message_bytes",
                 self.server.max_error_message_bytes,
             ),
+            ("server.max_connections", self.server.max_connections),
+            (
+                "server.max_requests_in_flight",
+                self.server.max_requests_in_flight,
+            ),
             ("delivery.workers", self.delivery.workers),
             ("journal.max_group_commit", self.journal.max_group_commit),
         ] {
             if value == 0 {
                 bad(key, "must be greater than 0".into());
             }
+        }
+        let s = &self.server;
+        for (key, value) in [
+            ("server.shutdown_timeout", s.shutdown_timeout),
+            ("server.header_read_timeout", s.header_read_timeout),
+            ("server.body_read_timeout", s.body_read_timeout),
+            ("server.idle_timeout", s.idle_timeout),
+        ] {
+            if value.is_zero() {
+                bad(key, "must be greater than 0".into());
+            }
+        }
+        if s.max_id_bytes > MAX_ID_BYTES_LIMIT {
+            bad(
+                "server.max_id_bytes",
+                format!(
+                    "{} is over the limit of {MAX_ID_BYTES_LIMIT}",
+                    s.max_id_bytes
+                ),
+            );
+        }
+        if s.max_body_bytes_in_flight < s.max_body_bytes {
+            bad(
+                "server.max_body_bytes_in_flight",
+                format!(
+                    "{} is less than server.max_body_bytes ({}): a largest request could never be served",
+                    s.max_body_bytes_in_flight, s.max_body_bytes
+                ),
+            );
+        }
+        if s.max_body_bytes_in_flight > u32::MAX as usize {
+            bad(
+                "server.max_body_bytes_in_flight",
+                format!(
+                    "{} is over the limit of {}",
+                    s.max_body_bytes_in_flight,
+                    u32::MAX
+                ),
+            );
         }
         if self.journal.max_pending == 0 {
             bad("journal.max_pending", "must be greater than 0".into());

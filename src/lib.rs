@@ -8,7 +8,10 @@
 //! - [`config`]: the TOML + environment configuration and its validation.
 //!   Nothing else parses configuration.
 //! - [`api`]: HTTP ingest, admin, metrics and health endpoints. Never calls
-//!   a destination; answers 202 only after the journal commit.
+//!   a destination; answers 202 only after the journal commit. Holds the
+//!   request budgets (requests and body bytes in flight, body deadline).
+//! - [`server`]: the HTTP/1.1 connections under the API: connection cap,
+//!   header and idle timeouts, a shutdown bounded by `shutdown_timeout`.
 //! - [`record`]: event validation and the invocation record v1.0. Pure.
 //! - [`routing`]: destinations as events and routes name them, and the
 //!   precedence between inline destinations and routes. Pure.
@@ -24,6 +27,8 @@
 //! - [`metrics`]: every Prometheus metric, with bounded labels.
 //! - [`error`]: the delivery error vocabulary and dispositions.
 //! - [`shutdown`]: signals to the cancellation token.
+//! - [`logging`]: escaped text logs, clipped client input, error chains,
+//!   rate-limited repeats.
 //!
 //! Delivery is at least once: every destination must tolerate a duplicate
 //! that carries the same record id.
@@ -37,12 +42,14 @@ pub mod destination;
 pub mod dispatch;
 pub mod error;
 pub mod journal;
+pub mod logging;
 pub mod metrics;
 pub mod record;
 pub mod routing;
+pub mod server;
 pub mod shutdown;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -135,22 +142,32 @@ pub async fn run(
         stop_delivery.clone(),
     );
 
-    let state = Arc::new(api::AppState {
-        config: config.clone(),
-        journal: journal.clone(),
+    let state = Arc::new(api::AppState::new(
+        config.clone(),
+        journal.clone(),
         metrics,
         wake,
-        shutdown: shutdown.clone(),
+        shutdown.clone(),
         token,
-        ulids: Mutex::new(ulid::Generator::new()),
-    });
+    ));
     let addr = listener.local_addr().map_err(RunError::Serve)?;
-    tracing::info!(%addr, journal = %config.journal.path.display(), "fnrelay listening");
-    let served = axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
+    let limits = server::Limits {
+        max_connections: server::fit_connections(config.server.max_connections),
+        header_read_timeout: config.server.header_read_timeout,
+        idle_timeout: config.server.idle_timeout,
+        shutdown_timeout: config.server.shutdown_timeout,
+    };
+    tracing::info!(%addr, journal = %config.journal.path.display(), max_connections = limits.max_connections, "fnrelay listening");
+    let http = tokio::spawn(server::serve(
+        listener,
+        api::router(state),
+        limits,
+        shutdown.clone(),
+    ));
 
-    // Ingest has stopped; now stop delivery and wait for in-flight sends.
+    // On the signal, ingest drains (answering 503) while delivery stops and
+    // waits for in-flight sends; both within shutdown_timeout.
+    shutdown.cancelled().await;
     stop_delivery.cancel();
     tracker.close();
     if tokio::time::timeout(config.server.shutdown_timeout, tracker.wait())
@@ -161,6 +178,7 @@ pub async fn run(
             "shutdown timeout reached with deliveries still in flight; they stay in the journal and are retried at the next start"
         );
     }
+    let served = http.await.unwrap_or_else(|e| Err(std::io::Error::other(e)));
     tracing::info!("fnrelay stopped");
     served.map_err(RunError::Serve)
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use fnrelay::config::{self, Config, LogFormat, Source};
+use fnrelay::config::{self, Config, Source};
 use tokio_util::sync::CancellationToken;
 
 /// Delivers the results of detached function invocations to their success
@@ -76,18 +76,6 @@ fn load(path: Option<&PathBuf>) -> Result<Config, config::ConfigError> {
     Ok(config)
 }
 
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
@@ -121,7 +109,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            init_logging(&config);
+            fnrelay::logging::init(&config);
             match serve(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -3,7 +3,11 @@
 //!
 //! Pure code: no I/O, no clock except what callers pass in.
 
+use std::cell::RefCell;
+use std::fmt;
+
 use serde::Serialize;
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -190,53 +194,320 @@ pub fn parse_body(body: &[u8], limits: &Limits) -> Result<Vec<Completion>, Vec<F
 
 /// Like [`parse_body`], and says whether the body was a batch (field paths
 /// then start with `completions[i].`).
+///
+/// The body is read in one pass: a batch's events are parsed and checked
+/// one at a time (never the whole batch as a JSON tree), a batch over
+/// `max_batch_size` stops at the first event too many, and a key repeated
+/// in any object is refused, naming it.
 pub fn parse_request(
     body: &[u8],
     limits: &Limits,
 ) -> Result<(Vec<Completion>, bool), Vec<FieldError>> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| vec![FieldError::new("body", format!("not valid JSON: {e}"))])?;
-    let Value::Object(mut top) = value else {
-        return Err(vec![FieldError::new("body", "must be a JSON object")]);
+    let duplicate = RefCell::new(None);
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let top = TopSeed {
+        limits,
+        duplicate: &duplicate,
+    }
+    .deserialize(&mut de)
+    .and_then(|top| de.end().map(|()| top));
+    let top = match top {
+        Ok(top) => top,
+        Err(e) => {
+            if let Some(field) = duplicate.into_inner() {
+                return Err(vec![field]);
+            }
+            if e.to_string().starts_with(TOO_MANY) {
+                return Err(vec![FieldError::new(
+                    "completions",
+                    format!(
+                        "more events than the batch limit of {} (server.max_batch_size)",
+                        limits.max_batch_size
+                    ),
+                )]);
+            }
+            let reason = if e.is_data() {
+                "must be a JSON object".to_string()
+            } else {
+                format!("not valid JSON: {e}")
+            };
+            return Err(vec![FieldError::new("body", reason)]);
+        }
     };
-    if let Some(list) = top.remove("completions") {
-        if let Some(other) = top.keys().next() {
-            return Err(vec![FieldError::new(
-                other.clone(),
-                "unexpected field beside `completions`",
-            )]);
+    match top {
+        Top::Batch {
+            events,
+            errors,
+            other,
+        } => {
+            if let Some(other) = other {
+                return Err(vec![FieldError::new(
+                    clip_field(&other),
+                    "unexpected field beside `completions`",
+                )]);
+            }
+            if !errors.is_empty() {
+                return Err(errors);
+            }
+            if events.is_empty() {
+                return Err(vec![FieldError::new("completions", "must not be empty")]);
+            }
+            Ok((events, true))
         }
-        let Value::Array(items) = list else {
-            return Err(vec![FieldError::new("completions", "must be an array")]);
-        };
-        if items.is_empty() {
-            return Err(vec![FieldError::new("completions", "must not be empty")]);
+        Top::NotArray => Err(vec![FieldError::new("completions", "must be an array")]),
+        Top::Single(map) => parse_event(Value::Object(map), "", limits).map(|e| (vec![e], false)),
+    }
+}
+
+/// Marks the error a batch over its limit stops the parse with.
+const TOO_MANY: &str = "fnrelay: too many events";
+
+/// A field name from client input, clipped for echoing.
+fn clip_field(name: &str) -> String {
+    crate::logging::clip(name).to_string()
+}
+
+/// What the top-level object turned out to be.
+enum Top {
+    /// `{"completions": [...]}`: the events that parsed, every bad field,
+    /// and a key found beside `completions`.
+    Batch {
+        events: Vec<Completion>,
+        errors: Vec<FieldError>,
+        other: Option<String>,
+    },
+    /// `completions` is not an array.
+    NotArray,
+    /// One event.
+    Single(Map<String, Value>),
+}
+
+struct TopSeed<'a> {
+    limits: &'a Limits,
+    duplicate: &'a RefCell<Option<FieldError>>,
+}
+
+impl<'de> DeserializeSeed<'de> for TopSeed<'_> {
+    type Value = Top;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Top, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TopSeed<'_> {
+    type Value = Top;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top, A::Error> {
+        let mut fields = Map::new();
+        let mut batch: Option<Top> = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "completions" {
+                if batch.is_some() {
+                    return Err(self.duplicate_key("completions".into()));
+                }
+                batch = Some(map.next_value_seed(EventsSeed {
+                    limits: self.limits,
+                    duplicate: self.duplicate,
+                })?);
+                continue;
+            }
+            let value = map.next_value_seed(StrictSeed {
+                path: key.clone(),
+                duplicate: self.duplicate,
+            })?;
+            if fields.contains_key(&key) {
+                return Err(self.duplicate_key(key));
+            }
+            fields.insert(key, value);
         }
-        if items.len() > limits.max_batch_size {
-            return Err(vec![FieldError::new(
-                "completions",
-                format!(
-                    "{} events exceed the batch limit of {} (server.max_batch_size)",
-                    items.len(),
-                    limits.max_batch_size
-                ),
-            )]);
-        }
-        let mut events = Vec::with_capacity(items.len());
+        Ok(match batch {
+            Some(Top::Batch { events, errors, .. }) => Top::Batch {
+                events,
+                errors,
+                other: fields.keys().next().cloned(),
+            },
+            Some(other) => other,
+            None => Top::Single(fields),
+        })
+    }
+}
+
+impl TopSeed<'_> {
+    fn duplicate_key<E: de::Error>(&self, path: String) -> E {
+        duplicate_error(self.duplicate, path)
+    }
+}
+
+fn duplicate_error<E: de::Error>(slot: &RefCell<Option<FieldError>>, path: String) -> E {
+    let field = clip_field(&path);
+    let key = field.rsplit('.').next().unwrap_or(&field).to_string();
+    *slot.borrow_mut() = Some(FieldError::new(
+        field,
+        format!("duplicate key `{key}`: each key may appear once"),
+    ));
+    E::custom("duplicate key")
+}
+
+/// The `completions` array, parsed and checked one event at a time.
+struct EventsSeed<'a> {
+    limits: &'a Limits,
+    duplicate: &'a RefCell<Option<FieldError>>,
+}
+
+impl<'de> DeserializeSeed<'de> for EventsSeed<'_> {
+    type Value = Top;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Top, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EventsSeed<'_> {
+    type Value = Top;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of events")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Top, A::Error> {
+        let mut events = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
         let mut errors = Vec::new();
-        for (i, item) in items.into_iter().enumerate() {
-            match parse_event(item, &format!("completions[{i}]."), limits) {
+        let mut i = 0;
+        loop {
+            let prefix = format!("completions[{i}]");
+            let Some(value) = seq.next_element_seed(StrictSeed {
+                path: prefix.clone(),
+                duplicate: self.duplicate,
+            })?
+            else {
+                break;
+            };
+            if i == self.limits.max_batch_size {
+                return Err(de::Error::custom(TOO_MANY));
+            }
+            match parse_event(value, &format!("{prefix}."), self.limits) {
                 Ok(e) => events.push(e),
                 Err(mut e) => errors.append(&mut e),
             }
+            i += 1;
         }
-        if errors.is_empty() {
-            Ok((events, true))
-        } else {
-            Err(errors)
+        Ok(Top::Batch {
+            events,
+            errors,
+            other: None,
+        })
+    }
+
+    // Anything but an array: read it (so the body is still checked as
+    // JSON) and say so.
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top, A::Error> {
+        while map
+            .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(Top::NotArray)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Top, E> {
+        Ok(Top::NotArray)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Top, E> {
+        Ok(Top::NotArray)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Top, E> {
+        Ok(Top::NotArray)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Top, E> {
+        Ok(Top::NotArray)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Top, E> {
+        Ok(Top::NotArray)
+    }
+    fn visit_unit<E>(self) -> Result<Top, E> {
+        Ok(Top::NotArray)
+    }
+}
+
+/// A JSON value with every object's keys unique; `path` names where it is.
+struct StrictSeed<'a> {
+    path: String,
+    duplicate: &'a RefCell<Option<FieldError>>,
+}
+
+impl<'de> DeserializeSeed<'de> for StrictSeed<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for StrictSeed<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(v) = seq.next_element_seed(StrictSeed {
+            path: format!("{}[{}]", self.path, items.len()),
+            duplicate: self.duplicate,
+        })? {
+            items.push(v);
         }
-    } else {
-        parse_event(Value::Object(top), "", limits).map(|e| (vec![e], false))
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut fields = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let path = if self.path.is_empty() {
+                key.clone()
+            } else {
+                format!("{}.{key}", self.path)
+            };
+            let value = map.next_value_seed(StrictSeed {
+                path: path.clone(),
+                duplicate: self.duplicate,
+            })?;
+            if fields.contains_key(&key) {
+                return Err(duplicate_error(self.duplicate, path));
+            }
+            fields.insert(key, value);
+        }
+        Ok(Value::Object(fields))
     }
 }
 
@@ -253,7 +524,7 @@ fn parse_event(value: Value, prefix: &str, limits: &Limits) -> Result<Completion
 
     for key in obj.keys() {
         if !EVENT_FIELDS.contains(&key.as_str()) {
-            errors.push(FieldError::new(path(key), "unknown field"));
+            errors.push(FieldError::new(path(&clip_field(key)), "unknown field"));
         }
     }
 
@@ -279,7 +550,13 @@ fn parse_event(value: Value, prefix: &str, limits: &Limits) -> Result<Completion
                 ));
                 None
             }
-            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::String(s)) => match id_problem(s) {
+                Some(reason) => {
+                    errors.push(FieldError::new(path(name), reason));
+                    None
+                }
+                None => Some(s.clone()),
+            },
             Some(_) => {
                 errors.push(FieldError::new(path(name), "must be a string"));
                 None
@@ -358,7 +635,7 @@ fn parse_event(value: Value, prefix: &str, limits: &Limits) -> Result<Completion
             for key in d.keys() {
                 if key != "success" && key != "failure" {
                     errors.push(FieldError::new(
-                        path(&format!("destinations.{key}")),
+                        path(&format!("destinations.{}", clip_field(key))),
                         "unknown field (expected success or failure)",
                     ));
                 }
@@ -393,15 +670,102 @@ fn parse_event(value: Value, prefix: &str, limits: &Limits) -> Result<Completion
     })
 }
 
+/// Why an id (fnCallId, functionId, a destination id, ...) is refused:
+/// control characters, or white space at either end.
+fn id_problem(s: &str) -> Option<String> {
+    if let Some(c) = s.chars().find(|c| c.is_control()) {
+        return Some(format!(
+            "must not contain control characters (found U+{:04X})",
+            c as u32
+        ));
+    }
+    if s.trim() != s {
+        return Some(if s.trim().is_empty() {
+            "must not be only white space".into()
+        } else {
+            "must not start or end with white space".into()
+        });
+    }
+    None
+}
+
+/// The event fields a re-post is compared on, in digest order.
+const DIGEST_FIELDS: &[&str] = &[
+    "functionId",
+    "applicationId",
+    "compartmentId",
+    "opcRequestId",
+    "status",
+    "errorCode",
+    "errorMessage",
+    "timestamp",
+    "destinations",
+];
+const DIGEST_BYTES: usize = 8;
+
+/// The event's field digests: 8 bytes of SHA-256 per field of
+/// [`DIGEST_FIELDS`] (absent and present-but-empty differ). Stored with the
+/// record so a re-post can be told apart, and what differs named, without
+/// keeping the event.
+pub fn digest(event: &Completion) -> Vec<u8> {
+    let opt = |v: &Option<String>| match v {
+        Some(s) => format!("s{s}"),
+        None => "-".into(),
+    };
+    let dest = |d: &Option<DestSpec>| match d {
+        Some(d) => serde_json::to_string(d).unwrap_or_default(),
+        None => "-".into(),
+    };
+    let values = [
+        event.function_id.clone(),
+        event.application_id.clone(),
+        event.compartment_id.clone(),
+        opt(&event.opc_request_id),
+        event.status.to_string(),
+        opt(&event.error_code),
+        opt(&event.error_message),
+        event
+            .timestamp
+            .map_or_else(|| "-".into(), |t| t.unix_timestamp_nanos().to_string()),
+        format!("{}|{}", dest(&event.success), dest(&event.failure)),
+    ];
+    let mut out = Vec::with_capacity(values.len() * DIGEST_BYTES);
+    for v in values {
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, v.as_bytes());
+        out.extend_from_slice(&d.as_ref()[..DIGEST_BYTES]);
+    }
+    out
+}
+
+/// The fields whose digests differ (all of them if the digests have
+/// different shapes).
+pub fn differing_fields(stored: &[u8], new: &[u8]) -> Vec<&'static str> {
+    if stored.len() != new.len() || stored.len() != DIGEST_FIELDS.len() * DIGEST_BYTES {
+        return if stored == new {
+            Vec::new()
+        } else {
+            DIGEST_FIELDS.to_vec()
+        };
+    }
+    DIGEST_FIELDS
+        .iter()
+        .zip(stored.chunks(DIGEST_BYTES).zip(new.chunks(DIGEST_BYTES)))
+        .filter(|(_, (a, b))| a != b)
+        .map(|(name, _)| *name)
+        .collect()
+}
+
 fn parse_status(v: &Value) -> Result<u16, String> {
     let n = match v {
         Value::Number(n) => n
             .as_u64()
             .ok_or_else(|| format!("{n} is not an integer between 100 and 599"))?,
-        Value::String(s) => s
-            .trim()
-            .parse::<u64>()
-            .map_err(|_| format!("\"{s}\" is not an integer between 100 and 599"))?,
+        Value::String(s) => s.trim().parse::<u64>().map_err(|_| {
+            format!(
+                "\"{}\" is not an integer between 100 and 599",
+                crate::logging::clip(s)
+            )
+        })?,
         _ => return Err("must be an integer or a numeric string".into()),
     };
     if (100..=599).contains(&n) {
@@ -422,7 +786,10 @@ fn parse_dest(v: &Value, path: &str, limits: &Limits) -> Result<DestSpec, Vec<Fi
             None => {
                 return Err(vec![FieldError::new(
                     format!("{path}.kind"),
-                    format!("unknown kind `{k}` (expected NONE, QUEUE, STREAM or NOTIFICATION)"),
+                    format!(
+                        "unknown kind `{}` (expected NONE, QUEUE, STREAM or NOTIFICATION)",
+                        crate::logging::clip(k)
+                    ),
                 )]);
             }
         },
@@ -444,7 +811,7 @@ fn parse_dest(v: &Value, path: &str, limits: &Limits) -> Result<DestSpec, Vec<Fi
     for key in obj.keys() {
         if !allowed.contains(&key.as_str()) {
             errors.push(FieldError::new(
-                format!("{path}.{key}"),
+                format!("{path}.{}", clip_field(key)),
                 format!(
                     "not a field of a {} destination",
                     kind.map_or("NONE", DestKind::as_str)
@@ -466,7 +833,13 @@ fn parse_dest(v: &Value, path: &str, limits: &Limits) -> Result<DestSpec, Vec<Fi
                 ));
                 None
             }
-            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::String(s)) => match id_problem(s) {
+                Some(reason) => {
+                    errors.push(FieldError::new(format!("{path}.{name}"), reason));
+                    None
+                }
+                None => Some(s.clone()),
+            },
             Some(_) => {
                 errors.push(FieldError::new(
                     format!("{path}.{name}"),
@@ -688,6 +1061,32 @@ mod tests {
             ),
             (r#"[1]"#, &["body"]),
             (r#"{"#, &["body"]),
+            (r#"{} x"#, &["body"]),
+            // Duplicate keys, at any depth, are named.
+            (
+                r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":200,"status":500}"#,
+                &["status"],
+            ),
+            (
+                r#"{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":200,"destinations":{"success":{"kind":"NONE","kind":"QUEUE"}}}"#,
+                &["destinations.success.kind"],
+            ),
+            (r#"{"completions":[],"completions":[]}"#, &["completions"]),
+            // Control characters and white space at the ends of ids.
+            (
+                r#"{"fnCallId":"c\nINFO forged","functionId":"f\u001b[31m","applicationId":"a\u0000","compartmentId":"k","status":200}"#,
+                &["fnCallId", "functionId", "applicationId"],
+            ),
+            (
+                r#"{"fnCallId":"   ","functionId":" f","applicationId":"a ","compartmentId":"k","status":200,"destinations":{"failure":{"kind":"QUEUE","queueId":"q\t"}}}"#,
+                &[
+                    "fnCallId",
+                    "functionId",
+                    "applicationId",
+                    "destinations.failure.queueId",
+                ],
+            ),
+            (r#"{"completions":{"a":1}}"#, &["completions"]),
         ];
         for (body, want) in cases {
             assert_eq!(fields(body), *want, "{body}");
@@ -710,6 +1109,53 @@ mod tests {
         let four = format!(r#"{{"completions":[{GOOD},{GOOD},{GOOD},{GOOD}]}}"#);
         assert_eq!(fields(&four), ["completions"]);
         assert_eq!(fields(r#"{"completions":[]}"#), ["completions"]);
+        let dup = format!(r#"{{"completions":[{GOOD},{{"fnCallId":"a","fnCallId":"b"}}]}}"#);
+        assert_eq!(fields(&dup), ["completions[1].fnCallId"]);
+        let beside = format!(r#"{{"completions":[{GOOD}],"x":1}}"#);
+        assert_eq!(fields(&beside), ["x"]);
+    }
+
+    #[test]
+    fn echoed_input_is_clipped() {
+        let long = "x".repeat(100_000);
+        let body = format!(
+            r#"{{"fnCallId":"c","functionId":"f","applicationId":"a","compartmentId":"k","status":"{long}","{long}":1}}"#
+        );
+        let errors = parse_body(body.as_bytes(), &LIMITS).unwrap_err();
+        for e in &errors {
+            assert!(e.field.len() < 200 && e.reason.len() < 300, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn digests_name_the_fields_that_differ() {
+        let a = parse_body(GOOD.as_bytes(), &LIMITS).unwrap().remove(0);
+        let same = digest(&a);
+        assert_eq!(
+            differing_fields(&same, &digest(&a.clone())),
+            Vec::<&str>::new()
+        );
+        let mut b = a.clone();
+        b.status = 500;
+        b.error_message = Some("x".into());
+        assert_eq!(
+            differing_fields(&same, &digest(&b)),
+            ["status", "errorMessage"]
+        );
+        // Absent and present-but-empty are different content.
+        let mut c = a.clone();
+        c.opc_request_id = match a.opc_request_id {
+            Some(_) => None,
+            None => Some(String::new()),
+        };
+        assert_eq!(differing_fields(&same, &digest(&c)), ["opcRequestId"]);
+        let mut d = a.clone();
+        d.failure = Some(DestSpec::None);
+        assert_eq!(differing_fields(&same, &digest(&d)), ["destinations"]);
+        // "200" and 200 are the same status.
+        let text = GOOD.replace(r#""status":200"#, r#""status":"200""#);
+        let e = parse_body(text.as_bytes(), &LIMITS).unwrap().remove(0);
+        assert!(differing_fields(&same, &digest(&e)).is_empty());
     }
 
     #[test]

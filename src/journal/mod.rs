@@ -47,6 +47,22 @@ pub struct NewRecord {
     pub body: String,
     /// Accept time, Unix milliseconds.
     pub accepted_at_ms: i64,
+    /// The event's field digests ([`crate::record::digest`]): a re-post of
+    /// this fnCallId is the same event only if they match.
+    pub digest: Vec<u8>,
+}
+
+/// A re-post of a journaled fnCallId whose content differs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    /// Position of the event in its request.
+    pub index: usize,
+    /// The fnCallId.
+    pub fn_call_id: String,
+    /// The record already journaled for it.
+    pub existing_id: String,
+    /// The event fields that differ.
+    pub fields: Vec<&'static str>,
 }
 
 /// Where a record goes.
@@ -227,6 +243,10 @@ pub enum JournalError {
     /// The journal's writer thread has stopped.
     #[error("journal is closed")]
     Closed,
+    /// Events re-post known fnCallIds with other content; nothing of the
+    /// request was written.
+    #[error("{} event(s) re-post a known fnCallId with other content", .0.len())]
+    Conflict(Vec<Conflict>),
 }
 
 /// The journal seam.

@@ -28,7 +28,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    Appended, Claimed, DeadLetter, Journal, JournalError, Lane, NewRecord, Outcome, Stats, Target,
+    Appended, Claimed, Conflict, DeadLetter, Journal, JournalError, Lane, NewRecord, Outcome,
+    Stats, Target,
 };
 use crate::record::{DestKind, DestinationType, format_timestamp};
 
@@ -51,7 +52,10 @@ CREATE TABLE IF NOT EXISTS records (
     -- there (so the same index serves retention pruning).
     next_attempt_at  INTEGER NOT NULL,
     last_error       TEXT,
-    error_label      TEXT
+    error_label      TEXT,
+    -- The event's field digests (record::digest), to tell a re-post of the
+    -- same event from a conflicting one.
+    digest           BLOB
 );
 -- Finished records by when they got there (pruning, dead letters). Pending
 -- rows are not in it, so accepting a record does not touch it.
@@ -294,6 +298,16 @@ impl SqliteJournal {
         // many times between checkpoints is copied to the database once.
         conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
         conn.execute_batch(SCHEMA)?;
+        // Journals written before digests: add the column (old rows keep
+        // NULL, which matches any re-post).
+        let has_digest: bool = conn.query_row(
+            "SELECT count(*) FROM pragma_table_info('records') WHERE name = 'digest'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !has_digest {
+            conn.execute_batch("ALTER TABLE records ADD COLUMN digest BLOB")?;
+        }
         // Journals written before leases kept claims in the row.
         let reset = conn.execute(
             "UPDATE records SET state = 'pending' WHERE state = 'inflight'",
@@ -549,15 +563,17 @@ impl Journal for SqliteJournal {
         self.run(move |tx| {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO records (id, fn_call_id, function_id, destination_type, kind, resource_id,
-                     channel_id, body, state, accepted_at, age_from, next_attempt_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?10)
+                     channel_id, body, state, accepted_at, age_from, next_attempt_at, digest)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?10, ?11)
                  ON CONFLICT (fn_call_id) DO NOTHING",
             )?;
-            let mut existing = tx.prepare_cached("SELECT id FROM records WHERE fn_call_id = ?1")?;
+            let mut existing =
+                tx.prepare_cached("SELECT id, digest FROM records WHERE fn_call_id = ?1")?;
+            let mut conflicts = Vec::new();
             let mut out = Vec::with_capacity(records.len());
             let mut added = 0i64;
             let mut fresh = Vec::new();
-            for r in records {
+            for (index, r) in records.into_iter().enumerate() {
                 let (kind, resource, channel, state) = match &r.target {
                     Some(t) => (
                         Some(t.kind.as_str()),
@@ -579,6 +595,7 @@ impl Journal for SqliteJournal {
                     body,
                     state,
                     r.accepted_at_ms,
+                    r.digest,
                 ])?;
                 if n == 1 {
                     out.push(Appended {
@@ -601,12 +618,31 @@ impl Journal for SqliteJournal {
                         });
                     }
                 } else {
-                    let id: String = existing.query_row([&r.fn_call_id], |row| row.get(0))?;
+                    let (id, digest): (String, Option<Vec<u8>>) = existing
+                        .query_row([&r.fn_call_id], |row| Ok((row.get(0)?, row.get(1)?)))?;
+                    // Rows journaled before digests existed match anything.
+                    let fields = digest
+                        .map(|d| crate::record::differing_fields(&d, &r.digest))
+                        .unwrap_or_default();
+                    if !fields.is_empty() {
+                        conflicts.push(Conflict {
+                            index,
+                            fn_call_id: r.fn_call_id,
+                            existing_id: id.clone(),
+                            fields,
+                        });
+                    }
                     out.push(Appended { id, existing: true });
                 }
             }
+            if !conflicts.is_empty() {
+                // Nothing of this request is written; other requests in the
+                // same group commit are not touched.
+                tx.execute_batch("ROLLBACK TO cmd")?;
+                return Ok((Err(conflicts), Delta::default()));
+            }
             Ok((
-                out,
+                Ok(out),
                 Delta {
                     pending: added,
                     fresh,
@@ -614,7 +650,8 @@ impl Journal for SqliteJournal {
                 },
             ))
         })
-        .await
+        .await?
+        .map_err(JournalError::Conflict)
     }
 
     async fn claim(
@@ -986,6 +1023,7 @@ mod tests {
             }),
             body: format!(r#"{{"id":"{id}"}}"#),
             accepted_at_ms: 1_000,
+            digest: Vec::new(),
         }
     }
 
@@ -1325,5 +1363,58 @@ mod tests {
         assert_eq!(j.stats().await.unwrap().pending, 200);
         j.resync().await.unwrap();
         assert_eq!(j.pending(), 200);
+    }
+
+    #[tokio::test]
+    async fn a_conflicting_repost_writes_nothing_of_its_request_and_spares_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Arc::new(SqliteJournal::open(&dir.path().join("j.db"), 64).unwrap());
+        let with = |id: &str, call: &str, digest: &[u8]| NewRecord {
+            digest: digest.to_vec(),
+            ..new(id, call, true)
+        };
+        j.append(vec![with("A", "c1", &[1; 72])]).await.unwrap();
+
+        // Many requests share commits; one of them re-posts c1 with other
+        // content beside a new event.
+        let mut tasks = Vec::new();
+        for i in 0..50 {
+            let j = j.clone();
+            tasks.push(tokio::spawn(async move {
+                j.append(vec![with(&format!("R{i:02}"), &format!("n{i}"), &[1; 72])])
+                    .await
+            }));
+        }
+        let mut other = [1u8; 72];
+        other[4 * 8] = 9; // status
+        other[6 * 8] = 9; // errorMessage
+        let conflict = j
+            .append(vec![
+                with("B", "new-beside", &[1; 72]),
+                with("C", "c1", &other),
+            ])
+            .await;
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        match conflict {
+            Err(JournalError::Conflict(c)) => assert_eq!(
+                c,
+                [Conflict {
+                    index: 1,
+                    fn_call_id: "c1".into(),
+                    existing_id: "A".into(),
+                    fields: vec!["status", "errorMessage"],
+                }]
+            ),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        // The request's other event was not written; the group was.
+        assert_eq!(j.stats().await.unwrap().pending, 51);
+        assert_eq!(j.pending(), 51);
+        // The same content again is an ordinary re-post.
+        let again = j.append(vec![with("D", "c1", &[1; 72])]).await.unwrap();
+        assert_eq!(again[0].id, "A");
+        assert!(again[0].existing);
     }
 }
