@@ -242,6 +242,7 @@ async fn limit_requests(
     next: Next,
 ) -> Response {
     let Ok(_permit) = state.requests.clone().try_acquire_owned() else {
+        state.metrics.refused("max_requests_in_flight");
         return ApiError::Busy(
             "too many requests in flight (server.max_requests_in_flight); retry later",
         )
@@ -267,6 +268,7 @@ async fn read_body(
         return Err(ApiError::PayloadTooLarge(limit));
     }
     let over_budget = || {
+        state.metrics.refused("max_body_bytes_in_flight");
         ApiError::Busy(
             "too many request bytes in flight (server.max_body_bytes_in_flight); retry later",
         )
@@ -286,7 +288,10 @@ async fn read_body(
     use futures_util::StreamExt;
     loop {
         let chunk = match tokio::time::timeout_at(deadline, body.next()).await {
-            Err(_) => return Err(ApiError::BodyTimeout(timeout)),
+            Err(_) => {
+                state.metrics.refused("body_read_timeout");
+                return Err(ApiError::BodyTimeout(timeout));
+            }
             Ok(None) => break,
             Ok(Some(Err(e))) => {
                 return Err(ApiError::BadRequest(vec![FieldError::new(
@@ -606,6 +611,11 @@ async fn replay_dead(
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let server = &state.config.server;
+    state.metrics.http_in_flight(
+        server.max_requests_in_flight - state.requests.available_permits(),
+        server.max_body_bytes_in_flight - state.body_bytes.available_permits(),
+    );
     match state.journal.stats().await {
         Ok(stats) => state.metrics.journal(&stats, now_ms()),
         Err(e) => state.log_error("cannot read journal stats for /metrics", &e),

@@ -145,7 +145,7 @@ pub async fn run(
     let state = Arc::new(api::AppState::new(
         config.clone(),
         journal.clone(),
-        metrics,
+        metrics.clone(),
         wake,
         shutdown.clone(),
         token,
@@ -162,6 +162,7 @@ pub async fn run(
         listener,
         api::router(state),
         limits,
+        metrics,
         shutdown.clone(),
     ));
 

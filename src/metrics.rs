@@ -75,6 +75,19 @@ pub struct Metrics {
     oldest_age: Gauge<f64, AtomicU64>,
     dead: Gauge,
     journal_bytes: Gauge,
+    connections: Gauge,
+    requests: Gauge,
+    body_bytes: Gauge,
+    refused: Family<RefusedLabels, Counter>,
+}
+
+/// Labels of refused HTTP requests and connections.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// The limit that refused it: `max_connections`,
+    /// `max_requests_in_flight`, `max_body_bytes_in_flight`,
+    /// `body_read_timeout` or `shutting_down`.
+    pub reason: &'static str,
 }
 
 impl Default for Metrics {
@@ -156,6 +169,30 @@ impl Metrics {
             "Dead-lettered records in the journal",
             dead.clone(),
         );
+        let connections = Gauge::default();
+        registry.register(
+            "fnrelay_http_connections_open",
+            "Client connections open (server.max_connections caps it)",
+            connections.clone(),
+        );
+        let requests = Gauge::default();
+        registry.register(
+            "fnrelay_http_requests_in_flight",
+            "Requests being handled (server.max_requests_in_flight caps it)",
+            requests.clone(),
+        );
+        let body_bytes = Gauge::default();
+        registry.register(
+            "fnrelay_http_body_bytes_in_flight",
+            "Request-body bytes held (server.max_body_bytes_in_flight caps it)",
+            body_bytes.clone(),
+        );
+        let refused = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "fnrelay_http_refused",
+            "Connections and requests refused by a server limit (503, or 408 for body_read_timeout)",
+            refused.clone(),
+        );
         let journal_bytes = Gauge::default();
         registry.register(
             "fnrelay_journal_size_bytes",
@@ -176,6 +213,10 @@ impl Metrics {
             oldest_age,
             dead,
             journal_bytes,
+            connections,
+            requests,
+            body_bytes,
+            refused,
         }
     }
 
@@ -270,6 +311,23 @@ impl Metrics {
             .oldest_pending_ms
             .map_or(0.0, |t| ((now_ms - t).max(0)) as f64 / 1000.0);
         self.oldest_age.set(age);
+    }
+
+    /// A connection opened (+1) or closed (-1).
+    pub fn connection(&self, delta: i64) {
+        self.connections.inc_by(delta);
+    }
+
+    /// Sets the request and body-byte gauges (read from the budgets at
+    /// scrape time).
+    pub fn http_in_flight(&self, requests: usize, body_bytes: usize) {
+        self.requests.set(requests as i64);
+        self.body_bytes.set(body_bytes as i64);
+    }
+
+    /// Counts one refusal by `reason`.
+    pub fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&RefusedLabels { reason }).inc();
     }
 
     /// Prometheus text exposition.

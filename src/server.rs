@@ -16,13 +16,15 @@
 //! protocol keeps the limits above simple and complete.
 
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -32,12 +34,13 @@ use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
 use crate::logging::RateLimited;
+use crate::metrics::Metrics;
 
 /// Connections being refused at once (each for at most [`REFUSE_TIMEOUT`]);
 /// beyond this a connection is closed without an answer.
 const MAX_REFUSING: usize = 64;
 /// How long a refused connection gets to read its 503.
-const REFUSE_TIMEOUT: Duration = Duration::from_secs(2);
+const REFUSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// File descriptors kept for the journal, brokers and refusals when
 /// `max_connections` is fitted to the open-file limit.
 const RESERVED_FDS: u64 = 256;
@@ -85,6 +88,7 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let limits = Arc::new(limits);
@@ -109,16 +113,23 @@ pub async fn serve(
         };
         match open.clone().try_acquire_owned() {
             Ok(permit) => {
-                tracker.spawn(connection(
+                metrics.connection(1);
+                let metrics = metrics.clone();
+                let conn = connection(
                     stream,
                     app.clone(),
                     limits.clone(),
                     shutdown.clone(),
                     hard_stop.clone(),
                     permit,
-                ));
+                );
+                tracker.spawn(async move {
+                    conn.await;
+                    metrics.connection(-1);
+                });
             }
             Err(_) => {
+                metrics.refused("max_connections");
                 if let Some(suppressed) = refusals.allow("max_connections") {
                     tracing::warn!(
                         max_connections = limits.max_connections,
@@ -147,7 +158,10 @@ pub async fn serve(
                 break;
             }
             r = listener.accept() => match r {
-                Ok((stream, _)) => refuse(stream, &refusing, "fnrelay is shutting down"),
+                Ok((stream, _)) => {
+                    metrics.refused("shutting_down");
+                    refuse(stream, &refusing, "fnrelay is shutting down");
+                }
                 Err(e) => accept_error(&accept_errors, &e).await,
             },
         }
@@ -178,12 +192,24 @@ fn refuse(mut stream: TcpStream, refusing: &Arc<Semaphore>, why: &'static str) {
             body.len()
         );
         let _ = tokio::time::timeout(REFUSE_TIMEOUT, async {
+            // Answer after the request's header (an HTTP client ignores an
+            // answer that comes before its request), or after a second.
+            let mut head = Vec::with_capacity(1024);
+            let mut chunk = [0u8; 4096];
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while head.len() < 16_384 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            })
+            .await;
             stream.write_all(answer.as_bytes()).await?;
             stream.shutdown().await?;
-            let mut sink = [0u8; 4096];
             let mut read = 0;
             while read < 65_536 {
-                match stream.read(&mut sink).await? {
+                match stream.read(&mut chunk).await? {
                     0 => break,
                     n => read += n,
                 }
@@ -194,32 +220,105 @@ fn refuse(mut stream: TcpStream, refusing: &Arc<Semaphore>, why: &'static str) {
     });
 }
 
-/// When the connection last finished a request, and how many it is
-/// handling.
+/// What a connection is doing, for its deadlines: when it last became
+/// ready for a request (opened, or answered one), when the first byte of the
+/// next request arrived, and how many requests it is handling.
 struct Activity {
     start: Instant,
-    last_ms: AtomicU64,
+    ready_ms: AtomicU64,
+    first_byte_ms: AtomicU64,
     in_flight: AtomicUsize,
 }
 
+const NONE: u64 = u64::MAX;
+
 impl Activity {
-    fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
     }
 
-    /// When the connection becomes idle-expired, if nothing happens first.
-    fn idle_deadline(&self, idle: Duration) -> Instant {
-        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + idle
+    fn at(&self, ms: u64) -> Instant {
+        self.start + Duration::from_millis(ms)
+    }
+
+    /// The deadline the connection is under now: the header deadline while
+    /// a request's header is arriving, the idle deadline while waiting for
+    /// one, none while a request is handled.
+    fn deadline(&self, limits: &Limits) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        match self.first_byte_ms.load(Ordering::Acquire) {
+            NONE => Some(self.at(self.ready_ms.load(Ordering::Acquire)) + limits.idle_timeout),
+            first => Some(self.at(first) + limits.header_read_timeout),
+        }
     }
 }
 
+/// Ends a request: the connection is ready for the next one.
 struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.touch();
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let a = &self.0;
+        a.ready_ms.store(a.now_ms(), Ordering::Release);
+        a.first_byte_ms.store(NONE, Ordering::Release);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The client socket, noting when a request's first byte arrives.
+struct Watched {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let a = &self.activity;
+        if buf.filled().len() > before
+            && a.in_flight.load(Ordering::Acquire) == 0
+            && a.first_byte_ms.load(Ordering::Acquire) == NONE
+        {
+            a.first_byte_ms.store(a.now_ms(), Ordering::Release);
+        }
+        result
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
     }
 }
 
@@ -234,12 +333,13 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     let activity = Arc::new(Activity {
         start: Instant::now(),
-        last_ms: AtomicU64::new(0),
+        ready_ms: AtomicU64::new(0),
+        first_byte_ms: AtomicU64::new(NONE),
         in_flight: AtomicUsize::new(0),
     });
     let seen = activity.clone();
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-        seen.in_flight.fetch_add(1, Ordering::Relaxed);
+        seen.in_flight.fetch_add(1, Ordering::AcqRel);
         let guard = InFlight(seen.clone());
         let mut app = app.clone();
         async move {
@@ -248,16 +348,22 @@ async fn connection(
             response
         }
     });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .keep_alive(true);
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let io = Watched {
+        stream,
+        activity: activity.clone(),
+    };
+    // The header and idle deadlines are this task's (hyper's header timer
+    // would also run while a keep-alive connection is idle).
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut closing = false;
     loop {
-        let idle_at = activity.idle_deadline(limits.idle_timeout);
+        // Re-checked at least this often while a request is handled.
+        let wake = activity.deadline(&limits).unwrap_or_else(|| {
+            Instant::now() + limits.header_read_timeout.min(limits.idle_timeout)
+        });
         tokio::select! {
             result = conn.as_mut() => {
                 if let Err(e) = result {
@@ -269,13 +375,10 @@ async fn connection(
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
-            () = tokio::time::sleep_until(idle_at), if !closing => {
-                let busy = activity.in_flight.load(Ordering::Relaxed) > 0;
-                if busy {
-                    activity.touch();
-                } else if Instant::now() >= activity.idle_deadline(limits.idle_timeout) {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
+            () = tokio::time::sleep_until(wake) => {
+                if activity.deadline(&limits).is_some_and(|d| d <= Instant::now()) {
+                    // Idle, or a header that did not arrive in time.
+                    return;
                 }
             }
             () = hard_stop.cancelled() => return,

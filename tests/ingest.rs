@@ -457,3 +457,96 @@ success = {{ kind = "NOTIFICATION", topicId = "hook" }}
     let text = d.metrics().await;
     assert_eq!(metric(&text, "fnrelay_pending_records"), 3.0);
 }
+
+#[tokio::test]
+async fn a_conflicting_repost_gets_409_naming_what_differs_and_changes_nothing() {
+    let d = start(BASE).await;
+    let (code, first) = d.post(&event("conf-1", 500)).await;
+    assert_eq!(code, 202);
+    let id = first["records"][0]["id"].as_str().unwrap().to_string();
+
+    // Other status and message: 409, naming both, and the known record id.
+    let mut changed = event("conf-1", 200);
+    changed["errorMessage"] = json!("it worked after all");
+    let (code, answer) = d.post(&changed).await;
+    assert_eq!(code, 409, "{answer}");
+    let reason = answer["fields"][0]["reason"].as_str().unwrap();
+    assert_eq!(answer["fields"][0]["field"], "fnCallId");
+    assert!(
+        reason.contains("status") && reason.contains("errorMessage"),
+        "{reason}"
+    );
+    assert!(reason.contains(&id), "{reason}");
+
+    // In a batch: nothing of the batch is journaled.
+    let (code, answer) = d
+        .post(&json!({"completions": [event("conf-new", 200), changed]}))
+        .await;
+    assert_eq!(code, 409, "{answer}");
+    assert_eq!(answer["fields"][0]["field"], "completions[1].fnCallId");
+    // The same content again is an ordinary re-post.
+    let (code, again) = d.post(&event("conf-1", 500)).await;
+    assert_eq!(code, 202);
+    assert_eq!(again["records"][0]["id"], id.as_str());
+    let text = d.metrics().await;
+    assert_eq!(metric(&text, "fnrelay_events_accepted_total"), 1.0);
+    d.wait_metric(
+        &deliveries("Success", "", "Failure", "QUEUE", "failures"),
+        1.0,
+    )
+    .await;
+    let lines = d.lines("failures.jsonl");
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["data"]["response"]["status"], "500");
+}
+
+#[tokio::test]
+async fn duplicate_keys_control_characters_and_padded_ids_get_400() {
+    let d = start(BASE).await;
+    let url = format!("{}/v1/completions", d.url);
+    let post = |body: String| {
+        let (http, url) = (d.http.clone(), url.clone());
+        async move {
+            let r = http
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    let (code, answer) = post(
+        r#"{"fnCallId":"k1","functionId":"f","applicationId":"a","compartmentId":"c","status":200,"status":500}"#
+            .into(),
+    )
+    .await;
+    assert_eq!(code, 400);
+    assert_eq!(answer["fields"][0]["field"], "status");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate key `status`")
+    );
+
+    let mut forged = event("k2\nINFO fnrelay: forged line", 200);
+    forged["functionId"] = json!(" f");
+    let (code, answer) = d.post(&forged).await;
+    assert_eq!(code, 400, "{answer}");
+    let fields: Vec<&str> = answer["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["fnCallId", "functionId", "opcRequestId"]);
+    let (code, _) = d.post(&event("   ", 200)).await;
+    assert_eq!(code, 400);
+    let text = d.metrics().await;
+    assert_eq!(metric(&text, "fnrelay_events_accepted_total"), 0.0);
+}

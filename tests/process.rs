@@ -4,62 +4,13 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::process::{spawn, stop};
 use common::*;
 use serde_json::json;
-
-struct Proc {
-    child: Child,
-    url: String,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // A failing test must not leave a daemon running.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts the binary with `config` and waits for /readyz.
-async fn spawn(dir: &Path, config: &str, port: u16) -> Proc {
-    let path = dir.join("fnrelay.toml");
-    std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(binary())
-        .arg("--config")
-        .arg(&path)
-        .current_dir(dir)
-        .env("FNRELAY__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let stderr = child.stderr.take().unwrap();
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    let url = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
-    wait_until("binary ready", Duration::from_secs(20), || async {
-        http.get(format!("{url}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    Proc { child, url, log }
-}
 
 fn webhook_config(hook_port: u16) -> String {
     format!(
@@ -188,24 +139,6 @@ async fn kill_9_with_2000_pending_records_loses_none() {
     assert_eq!(failure as usize, N.div_ceil(3));
     assert_eq!(metric(&text, "fnrelay_pending_records"), 0.0);
     stop(second).await;
-}
-
-async fn stop(mut p: Proc) -> Vec<String> {
-    let status = Command::new("kill")
-        .arg("-TERM")
-        .arg(p.child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let code = tokio::task::spawn_blocking(move || {
-        let code = p.child.wait().unwrap();
-        (code, p)
-    })
-    .await
-    .unwrap();
-    let (code, p) = code;
-    assert!(code.success(), "SIGTERM exits 0, got {code:?}");
-    p.log.lock().unwrap().clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod oci;
+pub mod process;
 pub mod proxy;
 
 use std::collections::VecDeque;
