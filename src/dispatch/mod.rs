@@ -235,11 +235,15 @@ async fn lane_loop(
             Admit::Wait(d) => {
                 // Open: claim nothing, except records past max_record_age,
                 // which are dead-lettered on time (looked for at most every
-                // EXPIRY_CHECK_EVERY: the look walks the lane's backlog).
+                // EXPIRY_CHECK_EVERY, or a quarter of max_record_age when
+                // that is shorter: the look walks the lane's backlog).
                 let now = tokio::time::Instant::now();
                 if now >= next_expiry_check {
                     expire_waiting(&lane, &shared).await;
-                    next_expiry_check = now + EXPIRY_CHECK_EVERY;
+                    next_expiry_check = now
+                        + EXPIRY_CHECK_EVERY
+                            .min(shared.policy.max_record_age / 4)
+                            .max(Duration::from_millis(100));
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -403,6 +407,12 @@ async fn send_batch(
         }
     }
     let key = &lane.lane;
+    if probe && (to_send.is_empty() || lane.destination.is_none()) {
+        // The probe's record was not sent (it expired, or its resource is
+        // gone): no verdict, so let the next claim probe again rather than
+        // stay half-open for ever.
+        lane.breaker.on_abandon(tokio::time::Instant::now());
+    }
     if let Some(destination) = &lane.destination {
         if !to_send.is_empty() {
             sent(&lane, &shared, destination, to_send, probe, &mut outcomes).await;
