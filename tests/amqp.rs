@@ -223,3 +223,57 @@ async fn a_cut_connection_mid_run_loses_nothing() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delays_resets_and_drops_between_the_binary_and_rabbitmq_lose_nothing() {
+    let queue = unique("fnrelay-amqp-chaos");
+    {
+        let conn = Connection::connect(
+            &format!("amqp://guest:guest@{BROKER}/%2f"),
+            ConnectionProperties::default(),
+        )
+        .await
+        .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    }
+    let proxy = Proxy::start_chaos(BROKER).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[log]\nformat = \"json\"\n{}",
+        config(
+            &proxy.addr.to_string(),
+            &format!("routing_key = \"{queue}\"\nconfirm_timeout = \"3s\"")
+        )
+    );
+    let ids = run_with_chaos(
+        dir.path(),
+        &config,
+        &proxy,
+        "amqp-chaos",
+        ("QUEUE", "jobs", "Failure"),
+        2000,
+    )
+    .await;
+    let got: Vec<_> = drain(&queue)
+        .await
+        .into_iter()
+        .map(|(id, body, _)| (id, body))
+        .collect();
+    let dups = assert_all_arrived(&ids, &got);
+    eprintln!(
+        "FAULT amqp chaos proxy: sent {n}, acknowledged {n}, delivered {n}, duplicates {dups}, dead 0, lost 0",
+        n = ids.len()
+    );
+    delete(&queue).await;
+}

@@ -310,3 +310,36 @@ failure = {{ kind = "STREAM", streamId = "results" }}
     }
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delays_resets_and_drops_between_the_binary_and_nats_lose_nothing() {
+    let name = unique("FNRELAY_CHAOS").replace('-', "_");
+    let subject = format!("fnrelay.{name}");
+    create_stream(&name, &subject).await;
+    let proxy = Proxy::start_chaos(SERVER).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[log]\nformat = \"json\"\n{}",
+        config(&proxy.addr.to_string(), &subject, "ack_timeout = \"2s\"")
+    );
+    let ids = run_with_chaos(
+        dir.path(),
+        &config,
+        &proxy,
+        "js-chaos",
+        ("STREAM", "results", "Success"),
+        2000,
+    )
+    .await;
+    let got: Vec<_> = read_all(&name)
+        .await
+        .into_iter()
+        .map(|(id, body, _)| (id, body))
+        .collect();
+    let dups = assert_all_arrived(&ids, &got);
+    eprintln!(
+        "FAULT jetstream chaos proxy: sent {n}, acknowledged {n}, delivered {n}, duplicates {dups}, dead 0, lost 0",
+        n = ids.len()
+    );
+    js().await.delete_stream(&name).await.unwrap();
+}

@@ -371,11 +371,29 @@ pub async fn post_many(
     n: usize,
     status: u16,
 ) -> std::collections::HashMap<String, String> {
+    post_many_to(&d.url, prefix, n, status).await
+}
+
+/// [`post_many`] to a daemon at `url` (the in-process one or the binary).
+pub async fn post_many_to(
+    url: &str,
+    prefix: &str,
+    n: usize,
+    status: u16,
+) -> std::collections::HashMap<String, String> {
+    let http = reqwest::Client::new();
     let mut ids = std::collections::HashMap::new();
     let names: Vec<String> = (0..n).map(|i| format!("{prefix}-{i:05}")).collect();
     for chunk in names.chunks(100) {
         let batch: Vec<_> = chunk.iter().map(|c| event(c, status)).collect();
-        let (code, answer) = d.post(&serde_json::json!({ "completions": batch })).await;
+        let r = http
+            .post(format!("{url}/v1/completions"))
+            .json(&serde_json::json!({ "completions": batch }))
+            .send()
+            .await
+            .unwrap();
+        let code = r.status().as_u16();
+        let answer: serde_json::Value = r.json().await.unwrap();
         assert_eq!(code, 202, "{answer}");
         for r in answer["records"].as_array().unwrap() {
             ids.insert(
@@ -384,6 +402,63 @@ pub async fn post_many(
             );
         }
     }
+    ids
+}
+
+/// The chaos scenario against the real binary: `n` records posted while
+/// the proxy delays chunks and resets or closes every connection after a
+/// short life; once enough connections were broken mid-run, the proxy
+/// calms down and every record must be confirmed, none dead-lettered.
+pub async fn run_with_chaos(
+    dir: &Path,
+    config: &str,
+    proxy: &proxy::Proxy,
+    prefix: &str,
+    (kind, id, dt): (&str, &str, &str),
+    n: usize,
+) -> std::collections::HashMap<String, String> {
+    let config = config.replace("{dir}", dir.to_str().unwrap());
+    let p = process::spawn(dir, &config, free_port()).await;
+    let status = if dt == "Success" { 200 } else { 500 };
+    // Post in parts of 100, a little apart, until `n` are in and the proxy
+    // has broken connections in the middle of the run.
+    let mut ids = std::collections::HashMap::new();
+    let broken = || proxy.broken.load(std::sync::atomic::Ordering::SeqCst);
+    let mut part = 0;
+    while ids.len() < n || broken() < 5 {
+        if part == 200 {
+            let log = p.log.lock().unwrap().clone();
+            panic!(
+                "the proxy broke only {} connections in 200 parts; daemon log:\n{}",
+                broken(),
+                log[log.len().saturating_sub(30)..].join("\n")
+            );
+        }
+        ids.extend(post_many_to(&p.url, &format!("{prefix}-{part}"), 100, status).await);
+        part += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let n = ids.len();
+    proxy.calm();
+    proxy.cut();
+    let delivered = deliveries("Success", "", dt, kind, id);
+    wait_until(
+        "every record confirmed",
+        Duration::from_secs(50),
+        || async { metric(&p.metrics().await, &delivered) >= n as f64 },
+    )
+    .await;
+    let text = p.metrics().await;
+    assert!(
+        !text.contains("response_type=\"Error\""),
+        "nothing dead-lettered: {text}"
+    );
+    eprintln!(
+        "chaos {prefix}: {} connections broken (reset or closed), {} retried attempts",
+        proxy.broken.load(std::sync::atomic::Ordering::SeqCst),
+        retries(&text, kind, id)
+    );
+    process::stop(p).await;
     ids
 }
 
