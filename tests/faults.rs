@@ -218,7 +218,19 @@ struct Tmpfs(std::path::PathBuf);
 impl Tmpfs {
     fn mount(at: &Path, size: &str) -> Self {
         std::fs::create_dir_all(at).unwrap();
-        let out = std::process::Command::new("mount")
+        // As root, or through passwordless sudo.
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"0"));
+        let mut cmd = if root {
+            std::process::Command::new("mount")
+        } else {
+            let mut c = std::process::Command::new("sudo");
+            c.args(["-n", "mount"]);
+            c
+        };
+        let out = cmd
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(at)
             .output()
@@ -234,10 +246,17 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
+        let umounted = std::process::Command::new("umount")
             .arg("-l")
             .arg(&self.0)
-            .status();
+            .status()
+            .is_ok_and(|s| s.success());
+        if !umounted {
+            let _ = std::process::Command::new("sudo")
+                .args(["-n", "umount", "-l"])
+                .arg(&self.0)
+                .status();
+        }
     }
 }
 

@@ -198,7 +198,7 @@ fn event_object(c: &mut Choices<'_>, out: &mut String) {
 fn body(bytes: &[u8]) -> Vec<u8> {
     let mut c = Choices(bytes);
     let mut out = String::new();
-    let mut one = |c: &mut Choices<'_>, out: &mut String| {
+    let one = |c: &mut Choices<'_>, out: &mut String| {
         if c.next(4) == 0 {
             object(c, 1, out)
         } else {
