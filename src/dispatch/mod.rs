@@ -33,6 +33,7 @@ use crate::config::{DeliveryConfig, LaneLimits};
 use crate::destination::{Destination, OutgoingRecord, Registry};
 use crate::error::{DeliveryError, ErrorLabel, Scope};
 use crate::journal::{Claimed, Journal, Lane, Outcome, now_ms};
+use crate::logging::{RateLimited, clip};
 use crate::metrics::Metrics;
 
 /// How often an idle lane looks at the journal when nothing woke it.
@@ -87,6 +88,8 @@ struct Shared {
     /// (`delivery.workers`).
     global: Arc<Semaphore>,
     done: mpsc::Sender<Done>,
+    /// Journal errors every lane would log each second: once per 10 s.
+    errors: RateLimited,
 }
 
 /// A batch's outcomes, on their way to the completer.
@@ -115,6 +118,7 @@ pub fn start(parts: Parts, tracker: &TaskTracker, cancel: CancellationToken) {
         global: Arc::new(Semaphore::new(policy.workers)),
         policy: policy.clone(),
         done: done_tx,
+        errors: RateLimited::new(Duration::from_secs(10)),
     });
     let mut lanes: HashMap<Lane, Arc<LaneState>> = HashMap::new();
     for ((kind, id), destination, limits) in registry.iter() {
@@ -266,7 +270,10 @@ async fn lane_loop(
                 if probe {
                     lane.breaker.on_abandon(tokio::time::Instant::now());
                 }
-                tracing::error!(destination = %lane.lane.resource_id, error = %e, "cannot claim records from the journal; retrying in 1s");
+                let text = e.to_string();
+                if let Some(suppressed) = shared.errors.allow(&text) {
+                    tracing::error!(destination = %lane.lane.resource_id, error = %text, suppressed, "cannot claim records from the journal; retrying in 1s");
+                }
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(IDLE_POLL) => continue,
@@ -662,6 +669,7 @@ async fn completer(
     lanes: Arc<HashMap<Lane, Arc<LaneState>>>,
 ) {
     let mut group: Vec<Done> = Vec::new();
+    let errors = RateLimited::new(Duration::from_secs(10));
     while let Some(first) = rx.recv().await {
         let mut n = first.outcomes.len();
         group.push(first);
@@ -685,7 +693,10 @@ async fn completer(
                 // then the records are sent again (same id), never lost.
                 // Pausing here fills the outcome channel, which holds the
                 // lanes' slots: no storm of resends while the journal fails.
-                tracing::error!(records = n, error = %e, "cannot record delivery outcomes in the journal; the records will be sent again when their lease ends");
+                let text = e.to_string();
+                if let Some(suppressed) = errors.allow(&text) {
+                    tracing::error!(records = n, error = %text, suppressed, "cannot record delivery outcomes in the journal; the records will be sent again when their lease ends");
+                }
                 group.clear();
                 tokio::time::sleep(COMPLETE_RETRY_PAUSE).await;
                 continue;
@@ -724,7 +735,7 @@ fn report(metrics: &Metrics, record: &Claimed, outcome: &Outcome) -> bool {
             metrics.latency(target.kind, &target.resource_id, seconds);
             tracing::info!(
                 record_id = %record.id,
-                fn_call_id = %record.fn_call_id,
+                fn_call_id = %clip(&record.fn_call_id),
                 destination = %format!("{}:{}", target.kind.as_str(), target.resource_id),
                 destination_type = record.destination_type.lower(),
                 attempts,
@@ -746,7 +757,7 @@ fn report(metrics: &Metrics, record: &Claimed, outcome: &Outcome) -> bool {
             );
             tracing::warn!(
                 record_id = %record.id,
-                fn_call_id = %record.fn_call_id,
+                fn_call_id = %clip(&record.fn_call_id),
                 destination = %format!("{}:{}", target.kind.as_str(), target.resource_id),
                 attempts,
                 error_message = label.as_str(),

@@ -31,6 +31,7 @@ use super::{
     Appended, Claimed, Conflict, DeadLetter, Journal, JournalError, Lane, NewRecord, Outcome,
     Stats, Target,
 };
+use crate::logging::RateLimited;
 use crate::record::{DestKind, DestinationType, format_timestamp};
 
 const SCHEMA: &str = "
@@ -489,11 +490,20 @@ fn count(conn: &Connection) -> rusqlite::Result<(u64, u64)> {
 
 fn writer(conn: Connection, rx: mpsc::Receiver<Job>, shared: Arc<Shared>, max_group: usize) {
     let mut replies: Vec<Reply> = Vec::new();
+    // A full disk fails every group: one line per kind of error per 10 s.
+    let errors = RateLimited::new(Duration::from_secs(10));
+    let path = conn.path().unwrap_or_default().to_string();
+    let log = |what: &str, e: &dyn std::fmt::Display| {
+        let text = format!("{what}: {e}");
+        if let Some(suppressed) = errors.allow(&text) {
+            tracing::error!(journal = %path, error = %e, suppressed, "{what}");
+        }
+    };
     while let Ok(first) = rx.recv() {
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             // Dropping the job drops its reply channel: the caller hears that
             // nothing was written.
-            tracing::error!(error = %e, "journal cannot begin a transaction");
+            log("journal cannot begin a transaction", &e);
             drop(first);
             continue;
         }
@@ -518,11 +528,14 @@ fn writer(conn: Connection, rx: mpsc::Receiver<Job>, shared: Arc<Shared>, max_gr
         }
         let err = if rolled_back {
             let msg = "SQLite rolled the group-commit transaction back after an error in one of its commands (see the journal error logged with it)";
-            tracing::error!("journal transaction rolled back; {n} commands not written");
+            log(
+                "journal transaction rolled back; its commands were not written",
+                &format!("{n} commands"),
+            );
             Some(msg.to_string())
         } else {
             conn.execute_batch("COMMIT").err().map(|e| {
-                tracing::error!(error = %e, "journal commit failed");
+                log("journal commit failed", &e);
                 let _ = conn.execute_batch("ROLLBACK");
                 e.to_string()
             })
