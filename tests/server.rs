@@ -259,3 +259,51 @@ async fn bearer_scheme_is_case_insensitive_and_checked_before_the_body() {
         .unwrap();
     assert_eq!(&buf, b"HTTP/1.1 401");
 }
+
+#[tokio::test]
+async fn over_max_requests_in_flight_a_request_gets_503_at_once() {
+    let d = start(&config(
+        "max_requests_in_flight = 2\nbody_read_timeout = \"20s\"",
+    ))
+    .await;
+    // Two requests hold both slots, their bodies half sent.
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(addr(&d)).await.unwrap();
+        s.write_all(request_head(&addr(&d), 500).as_bytes())
+            .await
+            .unwrap();
+        s.write_all(b"{").await.unwrap();
+        holders.push(s);
+    }
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    wait_until(
+        "a third request is refused",
+        Duration::from_secs(10),
+        || async {
+            let r = fresh
+                .post(format!("{}/v1/completions", d.url))
+                .json(&event("third", 200))
+                .send()
+                .await
+                .unwrap();
+            r.status() == 503 && r.headers()["retry-after"] == "1"
+        },
+    )
+    .await;
+    drop(holders);
+    wait_until("slots free again", Duration::from_secs(10), || async {
+        d.post(&event("after-slots", 200)).await.0 == 202
+    })
+    .await;
+    let text = d.metrics().await;
+    assert!(
+        metric(
+            &text,
+            "fnrelay_http_refused_total{reason=\"max_requests_in_flight\"}"
+        ) >= 1.0
+    );
+}
