@@ -134,8 +134,26 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JournalConfig {
+    /// `sqlite` (the default: one process, the file at `path`) or
+    /// `postgres` (a database shared by replicas, at `url` or `url_file`).
+    pub backend: JournalBackend,
     /// SQLite database file; created with its directory if missing.
     pub path: PathBuf,
+    /// PostgreSQL connection URL (a secret: never logged). Prefer
+    /// `url_file` or `FNRELAY__JOURNAL__URL`.
+    pub url: Option<Secret>,
+    /// File holding the PostgreSQL connection URL.
+    pub url_file: Option<PathBuf>,
+    /// PEM file of the certificate authorities trusted for TLS to
+    /// PostgreSQL (`sslmode=require` or `verify-full` in the URL); without
+    /// it, the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Most connections this replica opens to PostgreSQL.
+    pub max_connections: usize,
+    /// How long a claim holds records (SPEC section 11); the same setting
+    /// as `delivery.lease`, which it replaces when given.
+    #[serde(default, with = "humantime_serde")]
+    pub lease: Option<Duration>,
     /// How long delivered and skipped records (their fnCallId -> id mapping)
     /// are kept, which is also the window of idempotent re-posts.
     #[serde(with = "humantime_serde")]
@@ -149,11 +167,59 @@ pub struct JournalConfig {
 impl Default for JournalConfig {
     fn default() -> Self {
         Self {
+            backend: JournalBackend::Sqlite,
             path: "data/journal.db".into(),
+            url: None,
+            url_file: None,
+            ca_file: None,
+            max_connections: 16,
+            lease: None,
             delivered_retention: Duration::from_secs(24 * 3600),
             max_pending: 1_000_000,
             max_group_commit: 4096,
         }
+    }
+}
+
+/// Which store holds the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JournalBackend {
+    /// One SQLite file, one process.
+    Sqlite,
+    /// One PostgreSQL database, any number of replicas.
+    Postgres,
+}
+
+/// A secret string: shown as `<redacted>` in debug output and errors.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl JournalConfig {
+    /// The PostgreSQL URL, from `url` or `url_file`.
+    pub fn postgres_url(&self) -> Result<String, String> {
+        match (&self.url, &self.url_file) {
+            (Some(url), _) => Ok(url.0.trim().to_string()),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map(|s| s.trim().to_string())
+                .map_err(|e| format!("cannot read {}: {e}", path.display())),
+            (None, None) => Err("give journal.url or journal.url_file".into()),
+        }
+    }
+}
+
+impl Config {
+    /// How long a claim holds records: `journal.lease`, else
+    /// `delivery.lease`.
+    pub fn lease(&self) -> Duration {
+        self.journal.lease.unwrap_or(self.delivery.lease)
     }
 }
 
@@ -201,7 +267,7 @@ impl Default for DeliveryConfig {
             max_record_age: Duration::from_secs(6 * 3600),
             initial_backoff: Duration::from_millis(250),
             max_backoff: Duration::from_secs(300),
-            attempt_timeout: Duration::from_secs(30),
+            attempt_timeout: Duration::from_secs(20),
             lease: Duration::from_secs(90),
             linger: Duration::from_millis(5),
             breaker_failure_threshold: 5,
@@ -553,8 +619,62 @@ impl Config {
         if self.journal.max_pending == 0 {
             bad("journal.max_pending", "must be greater than 0".into());
         }
-        if self.journal.path.as_os_str().is_empty() {
-            bad("journal.path", "must not be empty".into());
+        let j = &self.journal;
+        match j.backend {
+            JournalBackend::Sqlite => {
+                if j.path.as_os_str().is_empty() {
+                    bad("journal.path", "must not be empty".into());
+                }
+                for (key, given) in [
+                    ("journal.url", j.url.is_some()),
+                    ("journal.url_file", j.url_file.is_some()),
+                ] {
+                    if given {
+                        bad(key, "only for backend = \"postgres\"".into());
+                    }
+                }
+            }
+            JournalBackend::Postgres => {
+                if j.url.is_some() && j.url_file.is_some() {
+                    bad("journal.url", "set either url or url_file, not both".into());
+                }
+                match j.postgres_url() {
+                    Err(e) => bad(
+                        if j.url_file.is_some() {
+                            "journal.url_file"
+                        } else {
+                            "journal.url"
+                        },
+                        e,
+                    ),
+                    Ok(url) => {
+                        if let Err(e) = url.parse::<tokio_postgres::Config>() {
+                            // The parser's message never holds the password.
+                            bad("journal.url", format!("not a PostgreSQL URL ({e})"));
+                        }
+                    }
+                }
+                if j.max_connections < 2 {
+                    bad(
+                        "journal.max_connections",
+                        "must be at least 2 (ingest and delivery each need one)".into(),
+                    );
+                }
+                if let Some(ca) = &j.ca_file
+                    && let Err(e) = std::fs::metadata(ca)
+                {
+                    bad(
+                        "journal.ca_file",
+                        format!("cannot read {}: {e}", ca.display()),
+                    );
+                }
+            }
+        }
+        if j.lease.is_some() && self.delivery.lease != DeliveryConfig::default().lease {
+            bad(
+                "journal.lease",
+                "set either journal.lease or delivery.lease, not both".into(),
+            );
         }
         let d = &self.delivery;
         if d.max_attempts == 0 {
@@ -583,12 +703,16 @@ impl Config {
                 "must be at most 1s (it delays every idle lane's next batch)".into(),
             );
         }
-        if d.lease <= d.attempt_timeout {
+        if self.lease() <= d.attempt_timeout {
             bad(
-                "delivery.lease",
+                if self.journal.lease.is_some() {
+                    "journal.lease"
+                } else {
+                    "delivery.lease"
+                },
                 format!(
                     "{} must be longer than delivery.attempt_timeout ({}), or records still being sent would be claimed again",
-                    humantime::format_duration(d.lease),
+                    humantime::format_duration(self.lease()),
                     humantime::format_duration(d.attempt_timeout)
                 ),
             );

@@ -57,7 +57,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::journal::{Journal, SqliteJournal};
+use crate::config::JournalBackend;
+use crate::journal::{Journal, PgJournal, SqliteJournal};
 
 /// The daemon could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -108,10 +109,14 @@ pub async fn run(
         (None, Some(t)) => Some(t.trim().to_string()),
         (None, None) => None,
     };
-    let journal: Arc<dyn Journal> = Arc::new(SqliteJournal::open(
-        &config.journal.path,
-        config.journal.max_group_commit,
-    )?);
+    let wake = Arc::new(Notify::new());
+    let journal: Arc<dyn Journal> = match config.journal.backend {
+        JournalBackend::Sqlite => Arc::new(SqliteJournal::open(
+            &config.journal.path,
+            config.journal.max_group_commit,
+        )?),
+        JournalBackend::Postgres => Arc::new(PgJournal::open(&config.journal, wake.clone()).await?),
+    };
     let registry = destination::Registry::build(&config)?;
     {
         // Check destinations in the background: a broker that is down at
@@ -124,7 +129,6 @@ pub async fn run(
         });
     }
     let metrics = Arc::new(metrics::Metrics::new());
-    let wake = Arc::new(Notify::new());
     let tracker = TaskTracker::new();
     let stop_delivery = CancellationToken::new();
     let config = Arc::new(config);
@@ -134,7 +138,10 @@ pub async fn run(
             journal: journal.clone(),
             registry,
             metrics: metrics.clone(),
-            policy: config.delivery.clone(),
+            policy: config::DeliveryConfig {
+                lease: config.lease(),
+                ..config.delivery.clone()
+            },
             retention: config.journal.delivered_retention,
             wake: wake.clone(),
         },
@@ -157,7 +164,11 @@ pub async fn run(
         idle_timeout: config.server.idle_timeout,
         shutdown_timeout: config.server.shutdown_timeout,
     };
-    tracing::info!(%addr, journal = %config.journal.path.display(), max_connections = limits.max_connections, "fnrelay listening");
+    let store = match config.journal.backend {
+        JournalBackend::Sqlite => config.journal.path.display().to_string(),
+        JournalBackend::Postgres => "postgres".to_string(),
+    };
+    tracing::info!(%addr, journal = %store, max_connections = limits.max_connections, "fnrelay listening");
     let http = tokio::spawn(server::serve(
         listener,
         api::router(state),

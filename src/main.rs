@@ -35,6 +35,9 @@ enum Command {
     },
     /// Print the embedded default configuration.
     PrintDefaultConfig,
+    /// Create or migrate the PostgreSQL journal's schema and exit (replicas
+    /// also do it at start, under an advisory lock).
+    Migrate,
     /// List or replay dead letters through a running daemon's admin API.
     DeadLetters {
         /// Base URL of the daemon.
@@ -97,6 +100,19 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Migrate => match load(cli.config.as_ref())
+            .map_err(anyhow::Error::from)
+            .and_then(migrate)
+        {
+            Ok(version) => {
+                println!("journal schema at version {version}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("fnrelay: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::PrintDefaultConfig => {
             print!("{}", config::DEFAULT_TOML);
             ExitCode::SUCCESS
@@ -150,6 +166,16 @@ fn check_destinations(config: &Config) -> Result<(), String> {
         .map(|(name, e)| format!("  - {name}: {}", e.full_message()))
         .collect();
     Err(format!("destination check failed:\n{}", lines.join("\n")))
+}
+
+fn migrate(config: Config) -> anyhow::Result<usize> {
+    if config.journal.backend != config::JournalBackend::Postgres {
+        bail!("journal.backend is not \"postgres\": the SQLite journal migrates itself at start");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(runtime.block_on(fnrelay::journal::migrate(&config.journal))?)
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {

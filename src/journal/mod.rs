@@ -18,8 +18,10 @@
 //! one process (an exclusive lock file), keeps leases in memory, so a claim
 //! writes nothing.
 
+mod postgres;
 mod sqlite;
 
+pub use postgres::{PgJournal, migrate};
 pub use sqlite::{SqliteJournal, now_ms};
 
 use std::time::Duration;
@@ -217,6 +219,22 @@ pub enum JournalError {
     /// The database reported an error.
     #[error("journal database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL reported an error (or the connection to it failed).
+    #[error("journal database error")]
+    Postgres(#[source] tokio_postgres::Error),
+    /// The database cannot be reached or used (pool timeout, bad URL, TLS).
+    #[error("journal unavailable: {0}")]
+    Unavailable(String),
+    /// The database's schema is newer than this build knows.
+    #[error(
+        "the journal's schema is at version {found}, newer than this fnrelay knows ({known}); run a newer fnrelay"
+    )]
+    SchemaTooNew {
+        /// Version in the database.
+        found: usize,
+        /// Newest version this build knows.
+        known: usize,
+    },
     /// Another process holds the journal.
     #[error(
         "journal {path} is in use by another fnrelay process (lock file {lock} is held); two processes on one journal would deliver every record twice"
