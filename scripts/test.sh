@@ -40,6 +40,19 @@ ensure_service Mosquitto 1883 mosquitto mosquitto \
 ensure_service "NATS (JetStream)" 4222 nats-server /usr/sbin/nats-server \
     "mkdir -p /var/lib/nats-server && start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server"
 
+# PostgreSQL (the shared journal's tests): Debian's cluster, with trust
+# auth for the postgres user over 127.0.0.1, as the tests connect.
+PG_TRUST='v=$(ls /etc/postgresql | sort -V | tail -1)
+    hba=/etc/postgresql/$v/main/pg_hba.conf
+    grep -q "^host all postgres 127.0.0.1/32 trust" "$hba" ||
+        sed -i "1i host all postgres 127.0.0.1/32 trust" "$hba"
+    pg_ctlcluster "$v" main start || pg_ctlcluster "$v" main reload'
+ensure_service PostgreSQL 5432 postgresql pg_ctlcluster "$PG_TRUST"
+if ! PGCONNECT_TIMEOUT=5 psql -h 127.0.0.1 -U postgres -w -tAc 'SELECT 1' >/dev/null 2>&1; then
+    echo "test.sh: PostgreSQL refuses postgres@127.0.0.1 without a password; adding trust for it" >&2
+    sudo_cmd bash -c "$PG_TRUST"
+fi
+
 # The benchmark harness is built (so it cannot rot) but not run here: it
 # takes minutes and its figures belong in BENCHMARKS.md, not in a test.
 cargo build --benches

@@ -86,6 +86,13 @@ pub enum RunError {
     Serve(#[source] std::io::Error),
 }
 
+/// What the HTTP drain and the delivery wait may use of `shutdown_timeout`:
+/// all but a tenth (at most a second), kept for the last outcome commit and
+/// the exit itself, so the process is gone within `shutdown_timeout`.
+fn drain_budget(shutdown_timeout: std::time::Duration) -> std::time::Duration {
+    shutdown_timeout.saturating_sub((shutdown_timeout / 10).min(std::time::Duration::from_secs(1)))
+}
+
 /// Runs the daemon on `listener` until `shutdown` fires, then stops
 /// accepting, lets in-flight deliveries finish (up to
 /// `server.shutdown_timeout`) and returns. Records not yet delivered stay in
@@ -162,7 +169,7 @@ pub async fn run(
         max_connections: server::fit_connections(config.server.max_connections),
         header_read_timeout: config.server.header_read_timeout,
         idle_timeout: config.server.idle_timeout,
-        shutdown_timeout: config.server.shutdown_timeout,
+        shutdown_timeout: drain_budget(config.server.shutdown_timeout),
     };
     let store = match config.journal.backend {
         JournalBackend::Sqlite => config.journal.path.display().to_string(),
@@ -182,7 +189,7 @@ pub async fn run(
     shutdown.cancelled().await;
     stop_delivery.cancel();
     tracker.close();
-    if tokio::time::timeout(config.server.shutdown_timeout, tracker.wait())
+    if tokio::time::timeout(drain_budget(config.server.shutdown_timeout), tracker.wait())
         .await
         .is_err()
     {

@@ -560,7 +560,8 @@ async fn sigterm_with_a_slow_client_and_a_slow_destination_exits_within_shutdown
     let log = stop(p).await;
     let took = began.elapsed();
     eprintln!("FAULT sigterm with slow client: exited 0 in {took:?} (shutdown_timeout 3s)");
-    assert!(took < Duration::from_secs(5), "exited in {took:?}");
+    // The measure includes running `kill` and reaping the process.
+    assert!(took < Duration::from_millis(3300), "exited in {took:?}");
     assert!(log.iter().any(|l| l.contains("fnrelay stopped")));
     drop(s);
     // The record whose delivery was cut short is delivered at the next start.
