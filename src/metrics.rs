@@ -71,6 +71,7 @@ pub struct Metrics {
     latency: Family<DestinationLabels, Histogram>,
     breaker: Family<DestinationLabels, Gauge>,
     claimed: Family<DestinationLabels, Counter>,
+    fenced: Family<DestinationLabels, Counter>,
     pending: Gauge,
     oldest_age: Gauge<f64, AtomicU64>,
     dead: Gauge,
@@ -145,6 +146,12 @@ impl Metrics {
             "Records claimed from the journal by a destination's lane (a claim is a lease; compare with attempts to see claims that were not sent)",
             claimed.clone(),
         );
+        let fenced = Family::<DestinationLabels, Counter>::default();
+        registry.register(
+            "fnrelay_outcomes_fenced",
+            "Outcomes not written because the record's lease had ended and another claim held it (a paused or slow process); the record is counted by its new owner",
+            fenced.clone(),
+        );
         let breaker = Family::<DestinationLabels, Gauge>::default();
         registry.register(
             "fnrelay_circuit_breaker_state",
@@ -209,6 +216,7 @@ impl Metrics {
             latency,
             breaker,
             claimed,
+            fenced,
             pending,
             oldest_age,
             dead,
@@ -311,6 +319,16 @@ impl Metrics {
             .oldest_pending_ms
             .map_or(0.0, |t| ((now_ms - t).max(0)) as f64 / 1000.0);
         self.oldest_age.set(age);
+    }
+
+    /// Outcomes refused by the journal because their claim was stale.
+    pub fn fenced(&self, kind: DestKind, id: &str) {
+        self.fenced
+            .get_or_create(&DestinationLabels {
+                destination_kind: kind.as_str(),
+                destination_id: id.to_string(),
+            })
+            .inc();
     }
 
     /// A connection opened (+1) or closed (-1).

@@ -707,6 +707,10 @@ async fn completer(
             let mut wake = false;
             for (record, outcome) in &done.outcomes {
                 if !applied.next().unwrap_or(false) {
+                    // The lease ended and another claim owns the record now
+                    // (this process was paused, or the journal was slow):
+                    // the other owner's outcome counts, not this one.
+                    metrics.fenced(record.target.kind, &record.target.resource_id);
                     continue;
                 }
                 wake |= report(&metrics, record, outcome);
