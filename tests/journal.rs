@@ -388,3 +388,61 @@ async fn a_schema_newer_than_this_build_is_refused() {
     }
     db.drop_db().await;
 }
+
+/// Debian's PostgreSQL serves TLS with the `ssl-cert` package's snakeoil
+/// certificate (CN and SAN `localhost`).
+const SNAKEOIL: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_postgres_is_verified_against_the_ca_file() {
+    assert!(
+        std::path::Path::new(SNAKEOIL).exists(),
+        "{SNAKEOIL} (Debian's ssl-cert, which postgresql installs) is needed for the TLS test"
+    );
+    let db = TestDb::create().await;
+    let tls_url = format!(
+        "postgres://postgres@localhost:5432/{}?sslmode=require",
+        db.name
+    );
+    let config = |ca: &str| fnrelay::config::JournalConfig {
+        url: Some(fnrelay::config::Secret(tls_url.clone())),
+        ca_file: Some(ca.into()),
+        ..db.journal()
+    };
+    // The server's certificate chains to the CA file: connected over TLS.
+    let j = PgJournal::open(&config(SNAKEOIL), Arc::new(Notify::new()))
+        .await
+        .unwrap();
+    j.append(vec![record("A", "tls", 1_000, 1)]).await.unwrap();
+    let encrypted: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.datname = current_database() AND a.application_name = 'fnrelay' AND s.ssl",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(encrypted >= 1, "fnrelay's connections use TLS");
+    drop(j);
+    // Another CA (the public roots): the certificate is refused.
+    match PgJournal::open(
+        &config("/etc/ssl/certs/ca-certificates.crt"),
+        Arc::new(Notify::new()),
+    )
+    .await
+    {
+        Err(e) => {
+            let text = fnrelay::logging::Chain(&e).to_string();
+            assert!(text.contains("certificate"), "{text}");
+            assert!(
+                !text.contains("postgres@"),
+                "the URL is not in the error: {text}"
+            );
+        }
+        Ok(_) => panic!("an unverified server was accepted"),
+    }
+    db.drop_db().await;
+}
