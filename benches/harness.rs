@@ -15,11 +15,13 @@
 //! records, peak RSS); batches of 100 end to end to RabbitMQ and JetStream;
 //! latency from 202 to the record in the file at a steady 1,000 events/s
 //! (and the daemon's CPU there); a backlog accepted while the destination is
-//! down (peak RSS, then time to first delivery after a restart, drain rate).
+//! down (peak RSS, then time to first delivery after a restart, drain rate);
+//! batches of 100 end to end on the PostgreSQL journal with 1 and with 3
+//! replicas (each delivering to its own files).
 //!
 //! Environment: `BENCH_RUNS` (default 3), `BENCH_EVENTS` (default 100000),
 //! `BENCH_BACKLOG` (default 1000000), `BENCH_ONLY` (comma-separated scenario
-//! names: noop, file-1, file-100, amqp, jetstream, steady, backlog),
+//! names: noop, file-1, file-100, amqp, jetstream, postgres, steady, backlog),
 //! `BENCH_FNRELAY_BIN` (another fnrelay binary to measure). The broker
 //! scenarios need the local RabbitMQ and NATS servers.
 
@@ -103,6 +105,21 @@ fn main() {
                     "messages/s",
                     jetstream_raw(events).await,
                 );
+            }
+        }
+        if want("postgres") {
+            for replicas in [1usize, 3] {
+                for _ in 0..runs {
+                    for (k, v) in postgres_run(events, replicas).await {
+                        table.add(
+                            &format!(
+                                "PostgreSQL journal, {replicas} replica(s), batches of 100 to files"
+                            ),
+                            k,
+                            v,
+                        );
+                    }
+                }
             }
         }
         if want("steady") {
@@ -197,21 +214,26 @@ struct Daemon {
 
 impl Daemon {
     async fn start(dir: &Path, resources: &str, extra: &str) -> Self {
+        let journal = format!(
+            "[journal]\npath = \"{}/journal.db\"\nmax_pending = 5000000",
+            dir.display()
+        );
+        Self::start_on(dir, &journal, resources, extra).await
+    }
+
+    async fn start_on(dir: &Path, journal: &str, resources: &str, extra: &str) -> Self {
         let port = free_port();
         let config = format!(
             r#"
 [server]
 listen = "127.0.0.1:{port}"
 max_body_bytes = 4194304
-[journal]
-path = "{d}/journal.db"
-max_pending = 5000000
+{journal}
 [log]
 level = "warn"
 {extra}
 {resources}
-"#,
-            d = dir.display()
+"#
         );
         let path = dir.join("fnrelay.toml");
         std::fs::write(&path, config).unwrap();
@@ -336,6 +358,11 @@ fn bodies(events: usize, batch: usize, offset: usize) -> Vec<bytes::Bytes> {
 /// Posts every body over `CONNECTIONS` connections; returns the elapsed
 /// time and each request's latency.
 async fn drive(url: &str, bodies: Vec<bytes::Bytes>) -> (Duration, Vec<Duration>) {
+    drive_all(&[url.to_string()], bodies).await
+}
+
+/// Like [`drive`], the connections spread round-robin over `urls`.
+async fn drive_all(urls: &[String], bodies: Vec<bytes::Bytes>) -> (Duration, Vec<Duration>) {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(CONNECTIONS)
         .build()
@@ -344,9 +371,9 @@ async fn drive(url: &str, bodies: Vec<bytes::Bytes>) -> (Duration, Vec<Duration>
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..CONNECTIONS {
+    for c in 0..CONNECTIONS {
         let (http, bodies, next) = (http.clone(), bodies.clone(), next.clone());
-        let url = format!("{url}/v1/completions");
+        let url = format!("{}/v1/completions", urls[c % urls.len()]);
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             loop {
@@ -491,6 +518,61 @@ async fn file_run(events: usize, batch: usize) -> Vec<(&'static str, f64)> {
             (cpu1 - cpu0) * 100_000.0 / events as f64,
         ),
         ("peak RSS MB", rss as f64 / 1e6),
+    ]
+}
+
+/// A fresh database on the local PostgreSQL; dropped by the caller.
+async fn pg_admin(sql: &str) {
+    let (client, conn) = tokio_postgres::connect(
+        "postgres://postgres@127.0.0.1:5432/postgres",
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("the local PostgreSQL on 127.0.0.1:5432");
+    tokio::spawn(conn);
+    client.batch_execute(sql).await.unwrap();
+}
+
+async fn postgres_run(events: usize, replicas: usize) -> Vec<(&'static str, f64)> {
+    let db = format!(
+        "fnrelay_bench_{}_{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    );
+    pg_admin(&format!("CREATE DATABASE {db}")).await;
+    let journal = format!(
+        "[journal]\nbackend = \"postgres\"\nurl = \"postgres://postgres@127.0.0.1:5432/{db}\"\nmax_pending = 5000000\nlease = \"30s\""
+    );
+    let root = tempfile::tempdir().unwrap();
+    let mut daemons = Vec::new();
+    let mut dirs = Vec::new();
+    for n in 0..replicas {
+        let dir = root.path().join(format!("r{n}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        daemons.push(Daemon::start_on(&dir, &journal, &file_resources(&dir), "").await);
+        dirs.push(dir);
+    }
+    let urls: Vec<String> = daemons.iter().map(|d| d.url.clone()).collect();
+    let start = Instant::now();
+    let (accepted, _) = drive_all(&urls, bodies(events, 100, 0)).await;
+    let files: Vec<PathBuf> = dirs
+        .iter()
+        .flat_map(|d| [d.join("results.jsonl"), d.join("failures.jsonl")])
+        .collect();
+    wait_for(
+        "every record in the files",
+        Duration::from_secs(900),
+        || files.iter().map(|f| count_lines(f)).sum::<usize>() >= events,
+    )
+    .await;
+    let e2e = start.elapsed();
+    for d in daemons {
+        d.stop();
+    }
+    pg_admin(&format!("DROP DATABASE {db} WITH (FORCE)")).await;
+    vec![
+        ("accepted events/s", events as f64 / accepted.as_secs_f64()),
+        ("end-to-end events/s", events as f64 / e2e.as_secs_f64()),
     ]
 }
 

@@ -1,6 +1,7 @@
 //! Replicas of the real binary sharing one PostgreSQL journal: a replica
-//! killed mid-run, a replica paused past its lease, the database cut off
-//! mid-run, and the same event posted to two replicas at once.
+//! killed mid-run, a replica paused past its lease, the database crashed and
+//! restarted mid-run (a server of the test's own), and the same event posted
+//! to two replicas at once.
 //!
 //! Each test prints one `FAULT` line: sent, acknowledged, delivered,
 //! duplicates, dead, lost.
@@ -12,9 +13,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::pg::TestDb;
+use common::pg::{OwnServer, TestDb};
 use common::process::{Proc, spawn, stop};
-use common::proxy::Proxy;
 use common::*;
 use serde_json::json;
 
@@ -285,12 +285,13 @@ async fn a_replica_paused_past_its_lease_has_its_stale_outcomes_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_cut_off_mid_run_gives_503s_and_loses_nothing() {
-    let db = TestDb::create().await;
+async fn postgres_restarted_mid_run_gives_503s_and_loses_nothing() {
+    let server = tokio::task::spawn_blocking(OwnServer::start).await.unwrap();
     let rx = Receiver::start().await;
-    let proxy = Proxy::start("127.0.0.1:5432").await;
-    let url = db.url.replace("127.0.0.1:5432", &proxy.addr.to_string());
-    let journal = format!("[journal]\nbackend = \"postgres\"\nurl = \"{url}\"\nlease = \"5s\"\n");
+    let journal = format!(
+        "[journal]\nbackend = \"postgres\"\nurl = \"{}\"\nlease = \"5s\"\n",
+        server.url()
+    );
     let root = tempfile::tempdir().unwrap();
     let p = replica(root.path(), 0, &config(&journal, &rx.url())).await;
     let http = reqwest::Client::new();
@@ -315,9 +316,8 @@ async fn postgres_cut_off_mid_run_gives_503s_and_loses_nothing() {
         assert_eq!(post(sent).await, 202);
         sent += 1;
     }
-    // The database goes away: every connection cut, new ones refused.
-    proxy.set_down(true);
-    proxy.cut();
+    // The database crashes (pg_ctl stop -m immediate).
+    server.crash();
     for _ in 0..20 {
         let status = post(sent).await;
         sent += 1;
@@ -332,8 +332,9 @@ async fn postgres_cut_off_mid_run_gives_503s_and_loses_nothing() {
     );
     let ready = reqwest::get(format!("{}/readyz", p.url)).await.unwrap();
     assert_eq!(ready.status(), 503, "not ready without its journal");
-    // It comes back: ingest and delivery resume without a restart.
-    proxy.set_down(false);
+    // It restarts (crash recovery): ingest and delivery resume without
+    // restarting fnrelay.
+    server.up();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let status = post(sent).await;
@@ -358,10 +359,9 @@ async fn postgres_cut_off_mid_run_gives_503s_and_loses_nothing() {
         },
     )
     .await;
-    account("postgres cut off", sent, &acked, &received(&rx));
-    eprintln!("postgres cut off: {refused} of 20 posts answered 503 while it was away");
+    account("postgres restarted", sent, &acked, &received(&rx));
+    eprintln!("postgres restarted: {refused} of 20 posts answered 503 while it was down");
     stop(p).await;
-    db.drop_db().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
