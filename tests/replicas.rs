@@ -412,3 +412,43 @@ async fn one_event_posted_to_two_replicas_at_once_is_one_record_delivered_once()
     stop(b).await;
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fnrelay_migrate_creates_the_schema_once() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fnrelay.toml");
+    std::fs::write(&path, db.toml("30s")).unwrap();
+    for _ in 0..2 {
+        let out = std::process::Command::new(binary())
+            .args(["--config", path.to_str().unwrap(), "migrate"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "journal schema at version 1"
+        );
+    }
+    let versions: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM fnrelay_schema", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(versions, 1);
+    // On the SQLite journal there is nothing to migrate: it says so.
+    std::fs::write(&path, "[journal]\npath = \"j.db\"\n").unwrap();
+    let out = std::process::Command::new(binary())
+        .args(["--config", path.to_str().unwrap(), "migrate"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("postgres"));
+    db.drop_db().await;
+}
