@@ -15,8 +15,9 @@
 //! - [`record`]: event validation and the invocation record v1.0. Pure.
 //! - [`routing`]: destinations as events and routes name them, and the
 //!   precedence between inline destinations and routes. Pure.
-//! - [`journal`]: the durable store (SQLite, group commit, leased claims)
-//!   behind the [`journal::Journal`] trait. The only module that touches the
+//! - [`journal`]: the durable store behind the [`journal::Journal`] trait:
+//!   SQLite (one process) or PostgreSQL (shared by replicas); group commit,
+//!   leased claims, fenced outcomes. The only module that touches a
 //!   database.
 //! - [`dispatch`]: one lane per destination resource (its claims, batches,
 //!   concurrency and circuit breaker), the retry policy (backoff) and the
