@@ -605,6 +605,7 @@ async fn replay_dead(
             state.log_error("cannot replay dead letters", &e);
             ApiError::Internal
         })?;
+    state.metrics.replayed(n);
     tracing::info!(records = n, "dead letters replayed on request");
     state.wake.notify_one();
     Ok(Json(json!({"replayed": n})))

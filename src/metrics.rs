@@ -34,7 +34,9 @@ pub struct DeliveryLabels {
 /// Labels of delivery attempts.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AttemptLabels {
-    /// `success`, `retry` (retryable failure) or `permanent`.
+    /// `success`, `retry` (will be retried), `unavailable` (the
+    /// destination failed; no attempt used) or `dead` (this attempt
+    /// dead-lettered the record: the record's fault, or the last attempt).
     pub outcome: &'static str,
     /// Empty on success, else the error vocabulary.
     pub error_message: &'static str,
@@ -72,6 +74,7 @@ pub struct Metrics {
     breaker: Family<DestinationLabels, Gauge>,
     claimed: Family<DestinationLabels, Counter>,
     fenced: Family<DestinationLabels, Counter>,
+    replayed: Counter,
     pending: Gauge,
     oldest_age: Gauge<f64, AtomicU64>,
     dead: Gauge,
@@ -152,6 +155,12 @@ impl Metrics {
             "Outcomes not written because the record's lease had ended and another claim held it (a paused or slow process); the record is counted by its new owner",
             fenced.clone(),
         );
+        let replayed = Counter::default();
+        registry.register(
+            "fnrelay_dead_letters_replayed",
+            "Dead letters put back to pending by a replay (each gets a new final outcome later: accepted + replayed = delivered + dead-lettered + skipped + pending)",
+            replayed.clone(),
+        );
         let breaker = Family::<DestinationLabels, Gauge>::default();
         registry.register(
             "fnrelay_circuit_breaker_state",
@@ -217,6 +226,7 @@ impl Metrics {
             breaker,
             claimed,
             fenced,
+            replayed,
             pending,
             oldest_age,
             dead,
@@ -319,6 +329,11 @@ impl Metrics {
             .oldest_pending_ms
             .map_or(0.0, |t| ((now_ms - t).max(0)) as f64 / 1000.0);
         self.oldest_age.set(age);
+    }
+
+    /// Dead letters replayed.
+    pub fn replayed(&self, n: u64) {
+        self.replayed.inc_by(n);
     }
 
     /// Outcomes refused by the journal because their claim was stale.

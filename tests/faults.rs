@@ -204,14 +204,6 @@ async fn kill_9_five_times_in_a_5000_record_run_loses_nothing() {
     stop(last).await;
 }
 
-/// Sum of every series whose line starts with `prefix`.
-fn metric_sum(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
-}
-
 /// A tmpfs of `size` mounted at `at` for the test; unmounted on drop.
 struct Tmpfs(std::path::PathBuf);
 
@@ -375,6 +367,11 @@ failure = {{ kind = "QUEUE", queueId = "out" }}
     )
     .await;
     account("journal filesystem full", sent, &acked, &read(), 0);
+    wait_until("every outcome counted", Duration::from_secs(20), || async {
+        metric(&p.metrics().await, "fnrelay_pending_records") == 0.0
+    })
+    .await;
+    assert_eq!(assert_conserved(&p.metrics().await), acked.len() as f64);
     let log = stop(p).await;
     assert!(
         log.iter()
@@ -426,6 +423,15 @@ async fn a_failure_destination_that_is_down_dead_letters_at_its_limit_and_replay
     let dead = metric_sum(&text, dead_series) as usize;
     assert_eq!(dead, N, "each counted once");
     assert_eq!(metric(&text, "fnrelay_dead_letters"), N as f64);
+    assert_conserved(&text);
+    // No traffic any more: the breaker does not stay "open" for ever.
+    wait_until("the breaker leaves open", Duration::from_secs(10), || async {
+        metric(
+            &p.metrics().await,
+            "fnrelay_circuit_breaker_state{destination_kind=\"NOTIFICATION\",destination_id=\"hook\"}",
+        ) != 1.0
+    })
+    .await;
 
     // The destination comes back; the operator replays every dead letter.
     let rx = Receiver::start_on(format!("127.0.0.1:{hook_port}").parse().unwrap()).await;
@@ -452,6 +458,13 @@ async fn a_failure_destination_that_is_down_dead_letters_at_its_limit_and_replay
         );
     }
     account("failure destination down", N, &acked, &received(&rx), dead);
+    wait_until(
+        "the replayed records counted",
+        Duration::from_secs(10),
+        || async { metric(&p.metrics().await, "fnrelay_pending_records") == 0.0 },
+    )
+    .await;
+    assert_conserved(&p.metrics().await);
     stop(p).await;
 }
 
@@ -521,6 +534,11 @@ async fn slowloris_and_2000_idle_connections_do_not_stop_a_normal_client() {
     })
     .await;
     account("slowloris + 2,000 idle", 300, &acked, &received(&rx), 0);
+    wait_until("every outcome counted", Duration::from_secs(20), || async {
+        metric(&p.metrics().await, "fnrelay_pending_records") == 0.0
+    })
+    .await;
+    assert_eq!(assert_conserved(&p.metrics().await), 300.0);
     eprintln!("slowest 202 under attack: {slowest:?}");
     for s in slow {
         s.abort();
@@ -657,7 +675,7 @@ failure = { kind = "NONE" }
         peak / 1_000_000,
         busy.load(Ordering::Relaxed)
     );
-    assert_eq!(metric(&text, "fnrelay_events_accepted_total"), 200_000.0);
+    assert_eq!(assert_conserved(&text), 200_000.0);
     assert!(peak < 150_000_000, "peak RSS {peak} bytes");
     stop(p).await;
 }

@@ -122,7 +122,7 @@ async fn a_400_dead_letters_after_one_attempt_and_can_be_replayed() {
     .await;
     assert_eq!(rx.seen().len(), 1, "permanent errors are not retried");
     let text = d.metrics().await;
-    assert_eq!(metric(&text, &attempts("permanent", "rejected")), 1.0);
+    assert_eq!(metric(&text, &attempts("dead", "rejected")), 1.0);
     assert_eq!(metric(&text, "fnrelay_dead_letters"), 1.0);
 
     let list = d.dead_letters().await;
@@ -190,6 +190,11 @@ async fn max_attempts_dead_letters_with_the_last_error_label() {
     )
     .await;
     assert_eq!(rx.seen().len(), 3);
+    // Two attempts that will be retried, then the one that dead-letters.
+    let text = d.metrics().await;
+    assert_eq!(metric(&text, &attempts("retry", "server_error")), 2.0);
+    assert_eq!(metric(&text, &attempts("dead", "server_error")), 1.0);
+    assert_conserved(&text);
 }
 
 #[tokio::test]

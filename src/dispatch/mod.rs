@@ -584,10 +584,16 @@ async fn sent(
                 }
                 Scope::Send { after } => {
                     send_failed = true;
-                    shared
-                        .metrics
-                        .attempt(key.kind, &key.resource_id, "retry", Some(e.label));
-                    if attempt >= policy.max_attempts {
+                    // The attempt that uses the last one dead-letters the
+                    // record: `dead`, not `retry`.
+                    let last = attempt >= policy.max_attempts;
+                    shared.metrics.attempt(
+                        key.kind,
+                        &key.resource_id,
+                        if last { "dead" } else { "retry" },
+                        Some(e.label),
+                    );
+                    if last {
                         dead(&record, attempt, e)
                     } else {
                         retry(&record, attempt, after, e, policy)
@@ -596,7 +602,7 @@ async fn sent(
                 Scope::Record => {
                     shared
                         .metrics
-                        .attempt(key.kind, &key.resource_id, "permanent", Some(e.label));
+                        .attempt(key.kind, &key.resource_id, "dead", Some(e.label));
                     dead(&record, attempt, e)
                 }
             },

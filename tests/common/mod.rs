@@ -454,6 +454,11 @@ pub async fn run_with_chaos(
         !text.contains("response_type=\"Error\""),
         "nothing dead-lettered: {text}"
     );
+    wait_until("every outcome counted", Duration::from_secs(20), || async {
+        metric(&p.metrics().await, "fnrelay_pending_records") == 0.0
+    })
+    .await;
+    assert_eq!(assert_conserved(&p.metrics().await), n as f64);
     eprintln!(
         "chaos {prefix}: {} connections broken (reset or closed), {} retried attempts",
         proxy.broken.load(std::sync::atomic::Ordering::SeqCst),
@@ -573,4 +578,43 @@ pub async fn run_with_outage(
         "nothing dead-lettered: {text}"
     );
     ids
+}
+
+/// Sum of every series whose line starts with `prefix`.
+pub fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// SPEC section 7's conservation, from one process's metrics once it is
+/// quiet: accepted = delivered + dead + skipped + pending (the gauges for
+/// the states), and with the flows alone, accepted + replayed = delivered +
+/// dead-lettered + skipped + pending. Returns accepted.
+pub fn assert_conserved(text: &str) -> f64 {
+    let accepted = metric(text, "fnrelay_events_accepted_total");
+    let delivered = metric_sum(
+        text,
+        "function_detached_deliveries_total{response_type=\"Success\"",
+    );
+    let dead_lettered = metric_sum(
+        text,
+        "function_detached_deliveries_total{response_type=\"Error\"",
+    );
+    let skipped = metric_sum(text, "fnrelay_records_skipped_total");
+    let pending = metric(text, "fnrelay_pending_records");
+    let dead = metric(text, "fnrelay_dead_letters");
+    let replayed = metric_sum(text, "fnrelay_dead_letters_replayed_total");
+    assert_eq!(
+        accepted,
+        delivered + dead + skipped + pending,
+        "accepted = delivered + dead + skipped + pending\n{text}"
+    );
+    assert_eq!(
+        accepted + replayed,
+        delivered + dead_lettered + skipped + pending,
+        "accepted + replayed = delivered + dead-lettered + skipped + pending\n{text}"
+    );
+    accepted
 }
