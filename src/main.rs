@@ -88,6 +88,10 @@ fn main() -> ExitCode {
                     eprintln!("{problems}");
                     return ExitCode::FAILURE;
                 }
+                if !offline && let Err(problem) = check_journal(&config) {
+                    eprintln!("{problem}");
+                    return ExitCode::FAILURE;
+                }
                 let what = cli
                     .config
                     .as_ref()
@@ -166,6 +170,34 @@ fn check_destinations(config: &Config) -> Result<(), String> {
         .map(|(name, e)| format!("  - {name}: {}", e.full_message()))
         .collect();
     Err(format!("destination check failed:\n{}", lines.join("\n")))
+}
+
+/// For the PostgreSQL journal: connects and reads the schema version,
+/// changing nothing. (The SQLite journal is opened at start.)
+fn check_journal(config: &Config) -> Result<(), String> {
+    if config.journal.backend != config::JournalBackend::Postgres {
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    match runtime.block_on(fnrelay::journal::check_postgres(&config.journal)) {
+        Ok(0) => {
+            println!(
+                "journal: PostgreSQL reachable; its schema is created at the first start (or by `fnrelay migrate`)"
+            );
+            Ok(())
+        }
+        Ok(version) => {
+            println!("journal: PostgreSQL reachable, schema version {version}");
+            Ok(())
+        }
+        Err(e) => Err(format!(
+            "journal check failed:\n  - journal.url: {}",
+            fnrelay::logging::Chain(&e)
+        )),
+    }
 }
 
 fn migrate(config: Config) -> anyhow::Result<usize> {

@@ -414,7 +414,7 @@ async fn one_event_posted_to_two_replicas_at_once_is_one_record_delivered_once()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fnrelay_migrate_creates_the_schema_once() {
+async fn fnrelay_migrate_and_check_config_on_postgres() {
     let db = TestDb::create().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fnrelay.toml");
@@ -442,6 +442,37 @@ async fn fnrelay_migrate_creates_the_schema_once() {
         .unwrap()
         .get(0);
     assert_eq!(versions, 1);
+    // check-config reads the version and changes nothing.
+    let out = std::process::Command::new(binary())
+        .args(["check-config", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("schema version 1"));
+    // An unreachable database fails check-config, naming the key.
+    std::fs::write(
+        &path,
+        format!(
+            "[journal]\nbackend = \"postgres\"\nurl = \"postgres://postgres:s3cret@127.0.0.1:{}/x\"\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(binary())
+        .args(["check-config", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("journal.url"), "{err}");
+    assert!(
+        !err.contains("s3cret"),
+        "the password is never shown: {err}"
+    );
     // On the SQLite journal there is nothing to migrate: it says so.
     std::fs::write(&path, "[journal]\npath = \"j.db\"\n").unwrap();
     let out = std::process::Command::new(binary())

@@ -21,7 +21,7 @@
 mod postgres;
 mod sqlite;
 
-pub use postgres::{PgJournal, migrate};
+pub use postgres::{PgJournal, check as check_postgres, migrate};
 pub use sqlite::{SqliteJournal, now_ms};
 
 use std::time::Duration;

@@ -233,6 +233,51 @@ pub async fn migrate(config: &JournalConfig) -> Result<usize, JournalError> {
     result
 }
 
+/// Checks, without changing anything, that the database answers, is
+/// writable (not a standby) and holds a schema this build can use. Returns
+/// the schema version (0: not created yet; the first start creates it).
+pub async fn check(config: &JournalConfig) -> Result<usize, JournalError> {
+    let pg_config = pg_config(config)?;
+    let (client, connection) = pg_config.connect(tls(config)?).await.map_err(pg)?;
+    let conn = tokio::spawn(connection);
+    let result = async {
+        let standby: bool = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(pg)?
+            .get(0);
+        if standby {
+            return Err(JournalError::Unavailable(
+                "the database is a read-only standby; point journal.url at the primary".into(),
+            ));
+        }
+        let exists: bool = client
+            .query_one("SELECT to_regclass('fnrelay_schema') IS NOT NULL", &[])
+            .await
+            .map_err(pg)?
+            .get(0);
+        if !exists {
+            return Ok(0);
+        }
+        let version: i32 = client
+            .query_one("SELECT coalesce(max(version), 0) FROM fnrelay_schema", &[])
+            .await
+            .map_err(pg)?
+            .get(0);
+        if version as usize > MIGRATIONS.len() {
+            return Err(JournalError::SchemaTooNew {
+                found: version as usize,
+                known: MIGRATIONS.len(),
+            });
+        }
+        Ok(version as usize)
+    }
+    .await;
+    drop(client);
+    let _ = conn.await;
+    result
+}
+
 impl PgJournal {
     /// Connects, migrates the schema, and starts the appenders, the
     /// listener that wakes `wake` when another replica commits records, and
