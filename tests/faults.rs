@@ -268,6 +268,10 @@ path = "{}/journal.db"
 [delivery]
 initial_backoff = "50ms"
 max_backoff = "300ms"
+# Outcomes the full disk refused keep their leases until these end; then
+# the records are sent again (same id) and counted.
+attempt_timeout = "2s"
+lease = "3s"
 [queues.out]
 backend = "file"
 path = "out.jsonl"
