@@ -44,50 +44,6 @@ failure = {{ kind = "NOTIFICATION", topicId = "hook" }}
     )
 }
 
-/// The record ids the receiver saw, per fnCallId, checking each body's id
-/// is the id it was sent under.
-fn received(rx: &Receiver) -> HashMap<String, Vec<String>> {
-    let mut by_call: HashMap<String, Vec<String>> = HashMap::new();
-    for s in rx.seen() {
-        let body = s.json();
-        let id = s.header("webhook-id");
-        assert_eq!(body["id"].as_str(), Some(id.as_str()));
-        let call = body["data"]["request"]["fnCallId"].as_str().unwrap();
-        by_call.entry(call.to_string()).or_default().push(id);
-    }
-    by_call
-}
-
-/// Checks every acknowledged record arrived under its acknowledged id and
-/// prints the FAULT line; returns (delivered, duplicates).
-fn account(
-    name: &str,
-    sent: usize,
-    acked: &HashMap<String, String>,
-    got: &HashMap<String, Vec<String>>,
-    dead: usize,
-) -> (usize, usize) {
-    let mut lost = 0;
-    for (call, id) in acked {
-        match got.get(call) {
-            Some(ids) => {
-                for got_id in ids {
-                    assert_eq!(got_id, id, "{call}: a copy carries the acknowledged id");
-                }
-            }
-            None => lost += 1,
-        }
-    }
-    let delivered = got.len();
-    let duplicates: usize = got.values().map(|v| v.len() - 1).sum();
-    eprintln!(
-        "FAULT {name}: sent {sent}, acknowledged {}, delivered {delivered}, duplicates {duplicates}, dead {dead}, lost {lost}",
-        acked.len()
-    );
-    assert_eq!(lost, 0, "{name}: every acknowledged record is delivered");
-    (delivered, duplicates)
-}
-
 /// Posts events `{prefix}-{i}` for i from a shared queue with `clients`
 /// concurrent clients until the queue is empty or the daemon stops
 /// answering; returns nothing, fills `acked` and re-queues what was not

@@ -22,6 +22,7 @@ mod postgres;
 mod sqlite;
 
 pub use postgres::{PgJournal, check as check_postgres, migrate};
+use sqlite::ms_to_rfc3339;
 pub use sqlite::{SqliteJournal, now_ms};
 
 use std::time::Duration;

@@ -35,11 +35,11 @@ use tokio_postgres::AsyncMessage;
 
 use super::{
     Appended, Claimed, Conflict, DeadLetter, Journal, JournalError, Lane, NewRecord, Outcome,
-    Stats, Target, now_ms,
+    Stats, Target, ms_to_rfc3339, now_ms,
 };
 use crate::config::JournalConfig;
 use crate::logging::RateLimited;
-use crate::record::{DestKind, DestinationType, format_timestamp};
+use crate::record::{DestKind, DestinationType};
 
 /// The schema versions this build knows, in order. Never edit one that has
 /// shipped: add the next.
@@ -613,12 +613,6 @@ fn row_to_claimed(row: &tokio_postgres::Row) -> Claimed {
         age_from_ms: row.get(10),
         token: token as u64,
     }
-}
-
-fn ms_to_rfc3339(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
-        .map(format_timestamp)
-        .unwrap_or_default()
 }
 
 impl PgJournal {

@@ -1013,7 +1013,8 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn ms_to_rfc3339(ms: i64) -> String {
+/// A Unix-millisecond time as the record formats times.
+pub(crate) fn ms_to_rfc3339(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .map(format_timestamp)
         .unwrap_or_default()

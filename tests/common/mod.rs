@@ -618,3 +618,48 @@ pub fn assert_conserved(text: &str) -> f64 {
     );
     accepted
 }
+
+/// The record ids the receiver saw, per fnCallId, checking each body's id
+/// is the id it was sent under.
+pub fn received(rx: &Receiver) -> std::collections::HashMap<String, Vec<String>> {
+    let mut by_call: std::collections::HashMap<String, Vec<String>> =
+        std::collections::HashMap::new();
+    for s in rx.seen() {
+        let body = s.json();
+        let id = s.header("webhook-id");
+        assert_eq!(body["id"].as_str(), Some(id.as_str()));
+        let call = body["data"]["request"]["fnCallId"].as_str().unwrap();
+        by_call.entry(call.to_string()).or_default().push(id);
+    }
+    by_call
+}
+
+/// Checks every acknowledged record arrived under its acknowledged id and
+/// prints the FAULT line; returns (delivered, duplicates).
+pub fn account(
+    name: &str,
+    sent: usize,
+    acked: &std::collections::HashMap<String, String>,
+    got: &std::collections::HashMap<String, Vec<String>>,
+    dead: usize,
+) -> (usize, usize) {
+    let mut lost = 0;
+    for (call, id) in acked {
+        match got.get(call) {
+            Some(ids) => {
+                for got_id in ids {
+                    assert_eq!(got_id, id, "{call}: a copy carries the acknowledged id");
+                }
+            }
+            None => lost += 1,
+        }
+    }
+    let delivered = got.len();
+    let duplicates: usize = got.values().map(|v| v.len() - 1).sum();
+    eprintln!(
+        "FAULT {name}: sent {sent}, acknowledged {}, delivered {delivered}, duplicates {duplicates}, dead {dead}, lost {lost}",
+        acked.len()
+    );
+    assert_eq!(lost, 0, "{name}: every acknowledged record is delivered");
+    (delivered, duplicates)
+}
