@@ -5,7 +5,7 @@
 //! it answers 202 only after the journal commit. It never calls a
 //! destination: it only wakes the dispatcher.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use axum::Json;
@@ -32,10 +32,18 @@ use crate::record::{
 };
 use crate::routing::{self, DestSpec};
 
-/// What handlers share.
-pub struct AppState {
+/// What a reload swaps: the configuration and the bearer token read with
+/// it. A request runs on the one it started with.
+pub struct Settings {
     /// Validated configuration.
     pub config: Arc<Config>,
+    /// The bearer token, if one is configured.
+    pub token: Option<String>,
+}
+
+/// What handlers share.
+pub struct AppState {
+    settings: RwLock<Arc<Settings>>,
     /// The journal.
     pub journal: Arc<dyn Journal>,
     /// Metrics.
@@ -44,8 +52,9 @@ pub struct AppState {
     pub wake: Arc<Notify>,
     /// Fires when the daemon stops accepting.
     pub shutdown: CancellationToken,
-    /// The bearer token, if one is configured.
-    pub token: Option<String>,
+    /// Asks the reloader to reload the configuration (`None`: this daemon
+    /// was given a fixed configuration, not a file).
+    pub reload: Option<tokio::sync::mpsc::Sender<crate::reload::Request>>,
     /// Monotonic ULIDs: ids of one batch sort in accept order.
     pub ulids: Mutex<ulid::Generator>,
     /// Request budget: one permit per request being handled.
@@ -70,15 +79,44 @@ impl AppState {
         Self {
             requests: Arc::new(Semaphore::new(server.max_requests_in_flight)),
             body_bytes: Arc::new(Semaphore::new(server.max_body_bytes_in_flight)),
-            config,
+            settings: RwLock::new(Arc::new(Settings { config, token })),
             journal,
             metrics,
             wake,
             shutdown,
-            token,
+            reload: None,
             ulids: Mutex::new(ulid::Generator::new()),
             errors: RateLimited::new(Duration::from_secs(10)),
         }
+    }
+
+    /// The configuration and token in use now.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.read().expect("settings lock").clone()
+    }
+
+    /// The configuration in use now.
+    pub fn config(&self) -> Arc<Config> {
+        self.settings().config.clone()
+    }
+
+    /// A reload: requests that start from now on use `config` and `token`;
+    /// the request and body budgets take the new sizes (permits in use are
+    /// kept until their requests end).
+    pub fn reconfigure(&self, config: Arc<Config>, token: Option<String>) {
+        let mut settings = self.settings.write().expect("settings lock");
+        let (old, new) = (&settings.config.server, &config.server);
+        crate::reload::resize(
+            &self.requests,
+            old.max_requests_in_flight,
+            new.max_requests_in_flight,
+        );
+        crate::reload::resize(
+            &self.body_bytes,
+            old.max_body_bytes_in_flight,
+            new.max_body_bytes_in_flight,
+        );
+        *settings = Arc::new(Settings { config, token });
     }
 
     /// Logs a per-request error at most once per 10 s per kind and error
@@ -88,7 +126,7 @@ impl AppState {
         if let Some(suppressed) = self.errors.allow(&format!("{what}\0{text}")) {
             tracing::error!(
                 error = %text,
-                journal = %self.config.journal.path.display(),
+                journal = %self.config().journal.path.display(),
                 suppressed,
                 "{what}"
             );
@@ -225,6 +263,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(ingest))
         .route("/v1/dead-letters", get(list_dead))
         .route("/v1/dead-letters/replay", post(replay_dead))
+        .route("/v1/admin/reload", post(reload))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
@@ -282,7 +321,7 @@ async fn read_body(
         .map_err(|_| over_budget())?;
     let mut held = first;
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
-    let timeout = state.config.server.body_read_timeout;
+    let timeout = state.config().server.body_read_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut body = body.into_data_stream();
     use futures_util::StreamExt;
@@ -328,7 +367,8 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = &state.token else {
+    let settings = state.settings();
+    let Some(expected) = &settings.token else {
         return Ok(());
     };
     let given = bearer(headers).unwrap_or("");
@@ -365,8 +405,9 @@ async fn ingest(
     if state.shutdown.is_cancelled() {
         return Err(ApiError::Unavailable("fnrelay is shutting down"));
     }
-    let server = &state.config.server;
-    if state.journal.pending() >= state.config.journal.max_pending {
+    let config = state.config();
+    let server = &config.server;
+    if state.journal.pending() >= config.journal.max_pending {
         return Err(ApiError::Unavailable(
             "journal is over its high-water mark (journal.max_pending); retry later",
         ));
@@ -387,7 +428,7 @@ async fn ingest(
         }
     };
 
-    let config = &state.config;
+    let config = &*config;
     let mut bad = Vec::new();
     let mut forbidden = Vec::new();
     let mut routed = Vec::with_capacity(events.len());
@@ -577,6 +618,49 @@ struct ReplayRequest {
     all: bool,
 }
 
+/// `POST /v1/admin/reload`: 200 with what changed, or 422 with every
+/// reason the file was refused (the running configuration stays).
+async fn reload(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    if state.shutdown.is_cancelled() {
+        return Err(ApiError::Unavailable("fnrelay is shutting down"));
+    }
+    let Some(requests) = &state.reload else {
+        return Err(ApiError::Unavailable("no reloader"));
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let request = crate::reload::Request {
+        trigger: "api",
+        reply: Some(reply),
+    };
+    if requests.send(request).await.is_err() {
+        return Err(ApiError::Unavailable("fnrelay is shutting down"));
+    }
+    match answer.await {
+        Ok(Ok(applied)) => Ok(Json(json!({
+            "result": "applied",
+            "hash": applied.hash,
+            "changed": applied.changed,
+            "added": applied.added,
+            "removed": applied.removed,
+        }))
+        .into_response()),
+        Ok(Err(refused)) => Ok((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({
+                "result": "refused",
+                "error": "configuration reload refused; the running configuration stays",
+                "reasons": refused.reasons,
+            })),
+        )
+            .into_response()),
+        Err(_) => Err(ApiError::Unavailable("fnrelay is shutting down")),
+    }
+}
+
 async fn replay_dead(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -584,7 +668,7 @@ async fn replay_dead(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&state, &headers)?;
     let (body, _budget) =
-        read_body(&state, &headers, body, state.config.server.max_body_bytes).await?;
+        read_body(&state, &headers, body, state.config().server.max_body_bytes).await?;
     let req: ReplayRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(vec![FieldError::new("body", e.to_string())]))?;
     let ids = match (req.ids, req.all) {
@@ -612,11 +696,13 @@ async fn replay_dead(
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let server = &state.config.server;
+    let config = state.config();
+    let server = &config.server;
     state.metrics.http_in_flight(
         server.max_requests_in_flight - state.requests.available_permits(),
         server.max_body_bytes_in_flight - state.body_bytes.available_permits(),
     );
+    let _ = readiness(&state).await;
     match state.journal.stats().await {
         Ok(stats) => state.metrics.journal(&stats, now_ms()),
         Err(e) => state.log_error("cannot read journal stats for /metrics", &e),
@@ -632,15 +718,26 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
-    if state.shutdown.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    match readiness(&state).await {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
     }
-    match tokio::time::timeout(Duration::from_secs(2), state.journal.check_writable()).await {
-        Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
-        Ok(Err(e)) => {
-            state.log_error("readiness: journal is not writable", &e);
-            (StatusCode::SERVICE_UNAVAILABLE, "journal not writable\n").into_response()
+}
+
+/// What `/readyz` answers, also kept in the `fnrelay_ready` gauge.
+async fn readiness(state: &AppState) -> Result<(), &'static str> {
+    let result = if state.shutdown.is_cancelled() {
+        Err("shutting down\n")
+    } else {
+        match tokio::time::timeout(Duration::from_secs(2), state.journal.check_writable()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                state.log_error("readiness: journal is not writable", &e);
+                Err("journal not writable\n")
+            }
+            Err(_) => Err("journal not answering\n"),
         }
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "journal not answering\n").into_response(),
-    }
+    };
+    state.metrics.set_ready(result.is_ok());
+    result
 }

@@ -216,6 +216,58 @@ impl JournalConfig {
 }
 
 impl Config {
+    /// The keys whose change needs a restart, that differ between `self`
+    /// (running) and `new`: a reload that changes one is refused, naming it.
+    pub fn restart_keys(&self, new: &Config) -> Vec<&'static str> {
+        let (a, b) = (&self.server, &new.server);
+        let (j, k) = (&self.journal, &new.journal);
+        let mut keys = Vec::new();
+        let mut differ = |key: &'static str, changed: bool| {
+            if changed {
+                keys.push(key);
+            }
+        };
+        differ("server.listen", a.listen != b.listen);
+        differ(
+            "server.max_connections",
+            a.max_connections != b.max_connections,
+        );
+        differ(
+            "server.header_read_timeout",
+            a.header_read_timeout != b.header_read_timeout,
+        );
+        differ("server.idle_timeout", a.idle_timeout != b.idle_timeout);
+        differ(
+            "server.shutdown_timeout",
+            a.shutdown_timeout != b.shutdown_timeout,
+        );
+        differ("journal.backend", j.backend != k.backend);
+        differ("journal.path", j.path != k.path);
+        differ(
+            "journal.url",
+            j.url != k.url
+                || j.url_file != k.url_file
+                || j.postgres_url().ok() != k.postgres_url().ok(),
+        );
+        differ("journal.ca_file", j.ca_file != k.ca_file);
+        differ(
+            "journal.max_connections",
+            j.max_connections != k.max_connections,
+        );
+        differ(
+            "journal.max_group_commit",
+            j.max_group_commit != k.max_group_commit,
+        );
+        differ(
+            "journal.delivered_retention",
+            j.delivered_retention != k.delivered_retention,
+        );
+        differ("delivery.lease", self.lease() != new.lease());
+        differ("log.format", self.log.format != new.log.format);
+        differ("log.level", self.log.level != new.log.level);
+        keys
+    }
+
     /// How long a claim holds records: `journal.lease`, else
     /// `delivery.lease`.
     pub fn lease(&self) -> Duration {
@@ -257,6 +309,11 @@ pub struct DeliveryConfig {
     /// How long an open breaker waits before letting one probe through.
     #[serde(with = "humantime_serde")]
     pub breaker_cool_down: Duration,
+    /// How long the pending records of a resource that left the
+    /// configuration (by a reload, or found at start) wait for it to come
+    /// back before they are dead-lettered as `not_found`.
+    #[serde(with = "humantime_serde")]
+    pub removed_resource_grace: Duration,
 }
 
 impl Default for DeliveryConfig {
@@ -272,6 +329,7 @@ impl Default for DeliveryConfig {
             linger: Duration::from_millis(5),
             breaker_failure_threshold: 5,
             breaker_cool_down: Duration::from_secs(10),
+            removed_resource_grace: Duration::from_secs(300),
         }
     }
 }
@@ -472,9 +530,18 @@ impl std::fmt::Display for ConfigIssue {
 /// Loading or validation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read or parsed into the config shape.
-    #[error("cannot load configuration: {0}")]
-    Load(#[source] config::ConfigError),
+    /// The file could not be read.
+    #[error("cannot read the configuration file {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file (or an override) could not be parsed into the config shape.
+    #[error("cannot load configuration ({0}): {1}")]
+    Load(String, #[source] Box<config::ConfigError>),
     /// Parsed, but some values are invalid.
     #[error("invalid configuration:\n{}", .0.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<ConfigIssue>),
@@ -498,27 +565,82 @@ pub fn load_with_env(
     source: Source<'_>,
     env: Option<config::Map<String, String>>,
 ) -> Result<Config, ConfigError> {
-    let builder = config::Config::builder();
-    let builder = match source {
-        Source::File(path) => builder.add_source(
-            config::File::from(path)
-                .format(config::FileFormat::Toml)
-                .required(true),
+    load_traced(source, env).map(|l| l.config)
+}
+
+/// A parsed configuration with what it was read from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The configuration (not yet validated).
+    pub config: Config,
+    /// First 16 hex digits of SHA-256 over the file's bytes, then, for each
+    /// `FNRELAY__` variable in name order, a NUL byte and `NAME=value`:
+    /// without overrides, the start of `sha256sum FILE`.
+    pub hash: String,
+    /// What was read, for people: the file (or the embedded default) and
+    /// the names (never the values) of the environment overrides.
+    pub sources: Vec<String>,
+}
+
+/// Reads and parses a configuration with `FNRELAY__...` overrides from
+/// `env` (the process's when `None`), keeping its hash and sources.
+pub fn load_traced(
+    source: Source<'_>,
+    env: Option<config::Map<String, String>>,
+) -> Result<Loaded, ConfigError> {
+    let (text, origin) = match source {
+        Source::File(path) => (
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+                path: path.display().to_string(),
+                source: e,
+            })?,
+            format!("file {}", path.display()),
         ),
-        Source::Text(text) => {
-            builder.add_source(config::File::from_str(text, config::FileFormat::Toml))
-        }
+        Source::Text(text) => (text.to_string(), "embedded default".to_string()),
     };
+    let vars: BTreeMap<String, String> = match &env {
+        Some(map) => map
+            .iter()
+            .filter(|(k, _)| k.starts_with("FNRELAY__"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        None => std::env::vars()
+            .filter(|(k, _)| k.starts_with("FNRELAY__"))
+            .collect(),
+    };
+    let mut bytes = text.clone().into_bytes();
+    for (k, v) in &vars {
+        bytes.push(0);
+        bytes.extend_from_slice(format!("{k}={v}").as_bytes());
+    }
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes);
+    let hash: String = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut sources = vec![origin.clone()];
+    if !vars.is_empty() {
+        sources.push(format!(
+            "environment: {}",
+            vars.keys().cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
     let environment = config::Environment::with_prefix("FNRELAY")
         .prefix_separator("__")
         .separator("__")
         .try_parsing(true)
-        .source(env);
-    builder
+        .source(Some(vars.into_iter().collect()));
+    let config = config::Config::builder()
+        .add_source(config::File::from_str(&text, config::FileFormat::Toml))
         .add_source(environment)
         .build()
         .and_then(|c| c.try_deserialize::<Config>())
-        .map_err(ConfigError::Load)
+        .map_err(|e| ConfigError::Load(origin, Box::new(e)))?;
+    Ok(Loaded {
+        config,
+        hash,
+        sources,
+    })
 }
 
 impl Config {

@@ -27,6 +27,8 @@
 //!   per backend. The only modules that talk to networks or brokers.
 //! - [`metrics`]: every Prometheus metric, with bounded labels.
 //! - [`error`]: the delivery error vocabulary and dispositions.
+//! - [`reload`]: SIGHUP and `POST /v1/admin/reload`: validate, then swap
+//!   routes, resources, policy, tokens and limits, or refuse naming why.
 //! - [`shutdown`]: signals to the cancellation token.
 //! - [`logging`]: escaped text logs, clipped client input, error chains,
 //!   rate-limited repeats.
@@ -46,6 +48,7 @@ pub mod journal;
 pub mod logging;
 pub mod metrics;
 pub mod record;
+pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod shutdown;
@@ -68,14 +71,8 @@ pub enum RunError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     /// The bearer token file could not be read.
-    #[error("cannot read server.auth_token_file {path}")]
-    Token {
-        /// The file.
-        path: String,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{0}")]
+    Token(String),
     /// The journal could not be opened.
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
@@ -97,26 +94,38 @@ fn drain_budget(shutdown_timeout: std::time::Duration) -> std::time::Duration {
 /// Runs the daemon on `listener` until `shutdown` fires, then stops
 /// accepting, lets in-flight deliveries finish (up to
 /// `server.shutdown_timeout`) and returns. Records not yet delivered stay in
-/// the journal for the next start.
+/// the journal for the next start. The configuration is fixed: reloads are
+/// refused (see [`run_with`]).
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    let digest =
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, format!("{config:?}").as_bytes());
+    let hash = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    run_with(config, hash, reload::Origin::Fixed, listener, shutdown).await
+}
+
+/// Like [`run`], for a configuration read from `origin` (whose hash is
+/// `hash`): SIGHUP and `POST /v1/admin/reload` re-read it.
+pub async fn run_with(
+    config: Config,
+    hash: String,
+    origin: reload::Origin,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    // First, so that a SIGHUP from now on reloads rather than kills.
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+    if !matches!(origin, reload::Origin::Fixed) {
+        reload::on_hangup(reload_tx.clone(), shutdown.clone()).map_err(RunError::Serve)?;
+    }
     config.validate()?;
-    let token = match (&config.server.auth_token_file, &config.server.auth_token) {
-        (Some(path), _) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|source| RunError::Token {
-                    path: path.display().to_string(),
-                    source,
-                })?
-                .trim()
-                .to_string(),
-        ),
-        (None, Some(t)) => Some(t.trim().to_string()),
-        (None, None) => None,
-    };
+    let token = reload::read_token(&config).map_err(RunError::Token)?;
     let wake = Arc::new(Notify::new());
     let journal: Arc<dyn Journal> = match config.journal.backend {
         JournalBackend::Sqlite => Arc::new(SqliteJournal::open(
@@ -126,22 +135,14 @@ pub async fn run(
         JournalBackend::Postgres => Arc::new(PgJournal::open(&config.journal, wake.clone()).await?),
     };
     let registry = destination::Registry::build(&config)?;
-    {
-        // Check destinations in the background: a broker that is down at
-        // start must not stop ingest; its records wait and retry.
-        let registry = registry.clone();
-        tokio::spawn(async move {
-            for (name, e) in registry.check_all().await {
-                tracing::warn!(destination = %name, error = %e.full_message(), "destination check failed at start; its records will be retried");
-            }
-        });
-    }
+    reload::check_in_background(registry.clone());
     let metrics = Arc::new(metrics::Metrics::new());
+    metrics.config_loaded(&hash);
     let tracker = TaskTracker::new();
     let stop_delivery = CancellationToken::new();
     let config = Arc::new(config);
 
-    dispatch::start(
+    let dispatcher = dispatch::start(
         dispatch::Parts {
             journal: journal.clone(),
             registry,
@@ -157,13 +158,27 @@ pub async fn run(
         stop_delivery.clone(),
     );
 
-    let state = Arc::new(api::AppState::new(
+    let mut state = api::AppState::new(
         config.clone(),
         journal.clone(),
         metrics.clone(),
         wake,
         shutdown.clone(),
         token,
+    );
+    state.reload = Some(reload_tx);
+    let state = Arc::new(state);
+    tokio::spawn(reload::serve(
+        reload::Reloader {
+            origin,
+            current: config.clone(),
+            hash,
+            api: state.clone(),
+            dispatcher,
+            metrics: metrics.clone(),
+        },
+        reload_rx,
+        shutdown.clone(),
     ));
     let addr = listener.local_addr().map_err(RunError::Serve)?;
     let limits = server::Limits {

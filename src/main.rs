@@ -71,12 +71,17 @@ enum DeadAction {
 }
 
 fn load(path: Option<&PathBuf>) -> Result<Config, config::ConfigError> {
-    let config = match path {
-        Some(p) => config::load(Source::File(p))?,
-        None => config::load(Source::Text(config::DEFAULT_TOML))?,
+    load_traced(path).map(|l| l.config)
+}
+
+/// Reads and validates the configuration, keeping its hash and sources.
+fn load_traced(path: Option<&PathBuf>) -> Result<config::Loaded, config::ConfigError> {
+    let loaded = match path {
+        Some(p) => config::load_traced(Source::File(p), None)?,
+        None => config::load_traced(Source::Text(config::DEFAULT_TOML), None)?,
     };
-    config.validate()?;
-    Ok(config)
+    loaded.config.validate()?;
+    Ok(loaded)
 }
 
 fn main() -> ExitCode {
@@ -122,15 +127,19 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => {
-            let config = match load(cli.config.as_ref()) {
+            let loaded = match load_traced(cli.config.as_ref()) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
                     return ExitCode::FAILURE;
                 }
             };
-            fnrelay::logging::init(&config);
-            match serve(config) {
+            fnrelay::logging::init(&loaded.config);
+            let origin = match &cli.config {
+                Some(p) => fnrelay::reload::Origin::File(p.clone()),
+                None => fnrelay::reload::Origin::Embedded,
+            };
+            match serve(loaded, origin) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -210,7 +219,8 @@ fn migrate(config: Config) -> anyhow::Result<usize> {
     Ok(runtime.block_on(fnrelay::journal::migrate(&config.journal))?)
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
+fn serve(loaded: config::Loaded, origin: fnrelay::reload::Origin) -> anyhow::Result<()> {
+    let config::Loaded { config, hash, .. } = loaded;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -222,7 +232,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
             })?;
         let shutdown = CancellationToken::new();
         fnrelay::shutdown::on_signal(shutdown.clone());
-        fnrelay::run(config, listener, shutdown).await?;
+        fnrelay::run_with(config, hash, origin, listener, shutdown).await?;
         Ok(())
     })
 }

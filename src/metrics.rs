@@ -83,6 +83,24 @@ pub struct Metrics {
     requests: Gauge,
     body_bytes: Gauge,
     refused: Family<RefusedLabels, Counter>,
+    reloads: Family<ReloadLabels, Counter>,
+    config_info: Family<ConfigLabels, Gauge>,
+    config_hash: std::sync::Mutex<Option<String>>,
+    ready: Gauge,
+}
+
+/// Labels of configuration reloads.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `applied` or `refused`.
+    pub result: &'static str,
+}
+
+/// Labels of the loaded configuration.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConfigLabels {
+    /// First 16 hex digits of the configuration's SHA-256.
+    pub hash: String,
 }
 
 /// Labels of refused HTTP requests and connections.
@@ -209,6 +227,24 @@ impl Metrics {
             "Connections and requests refused by a server limit (503, or 408 for body_read_timeout)",
             refused.clone(),
         );
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "fnrelay_config_reloads",
+            "Configuration reloads (SIGHUP or POST /v1/admin/reload) by result: applied or refused",
+            reloads.clone(),
+        );
+        let config_info = Family::<ConfigLabels, Gauge>::default();
+        registry.register(
+            "fnrelay_config_info",
+            "1 for the configuration in use, labelled with its hash (fnrelay check-config prints the same hash)",
+            config_info.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register(
+            "fnrelay_ready",
+            "1 when GET /readyz answers 200 (journal writable, not shutting down), else 0",
+            ready.clone(),
+        );
         let journal_bytes = Gauge::default();
         registry.register(
             "fnrelay_journal_size_bytes",
@@ -235,7 +271,35 @@ impl Metrics {
             requests,
             body_bytes,
             refused,
+            reloads,
+            config_info,
+            config_hash: std::sync::Mutex::new(None),
+            ready,
         }
+    }
+
+    /// Counts a reload by result (`applied` or `refused`).
+    pub fn reload(&self, result: &'static str) {
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
+    }
+
+    /// The configuration in use is now the one with `hash`.
+    pub fn config_loaded(&self, hash: &str) {
+        let mut current = self.config_hash.lock().expect("config hash lock");
+        if let Some(old) = current.take() {
+            self.config_info.remove(&ConfigLabels { hash: old });
+        }
+        self.config_info
+            .get_or_create(&ConfigLabels {
+                hash: hash.to_string(),
+            })
+            .set(1);
+        *current = Some(hash.to_string());
+    }
+
+    /// Readiness as `/readyz` answered it last.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
     }
 
     /// Counts one record's final outcome.

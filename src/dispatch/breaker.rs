@@ -4,6 +4,7 @@
 //! reopens the breaker.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -51,8 +52,9 @@ enum Inner {
 /// One destination's breaker.
 #[derive(Debug)]
 pub struct Breaker {
-    threshold: u32,
-    cool_down: Duration,
+    threshold: AtomicU32,
+    /// Nanoseconds.
+    cool_down: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -60,10 +62,26 @@ impl Breaker {
     /// Opens after `threshold` consecutive retryable failures, for `cool_down`.
     pub fn new(threshold: u32, cool_down: Duration) -> Self {
         Self {
-            threshold,
-            cool_down,
+            threshold: AtomicU32::new(threshold),
+            cool_down: AtomicU64::new(cool_down.as_nanos() as u64),
             inner: Mutex::new(Inner::Closed { failures: 0 }),
         }
+    }
+
+    /// New settings (a configuration reload); the state is kept, and an
+    /// open breaker keeps the end of its current cool-down.
+    pub fn set(&self, threshold: u32, cool_down: Duration) {
+        self.threshold.store(threshold, Ordering::Relaxed);
+        self.cool_down
+            .store(cool_down.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn threshold(&self) -> u32 {
+        self.threshold.load(Ordering::Relaxed)
+    }
+
+    fn cool_down(&self) -> Duration {
+        Duration::from_nanos(self.cool_down.load(Ordering::Relaxed))
     }
 
     /// Current state.
@@ -87,7 +105,7 @@ impl Breaker {
             Inner::Open { until } => Admit::Wait(until - now),
             // Others wait for the probe's verdict; a short wait keeps them
             // from queueing behind a probe that may take the whole timeout.
-            Inner::HalfOpen => Admit::Wait(self.cool_down.min(Duration::from_secs(1))),
+            Inner::HalfOpen => Admit::Wait(self.cool_down().min(Duration::from_secs(1))),
         }
     }
 
@@ -101,11 +119,11 @@ impl Breaker {
     pub fn on_failure(&self, now: Instant) {
         let mut inner = self.inner.lock().expect("breaker lock");
         *inner = match *inner {
-            Inner::Closed { failures } if failures + 1 < self.threshold => Inner::Closed {
+            Inner::Closed { failures } if failures + 1 < self.threshold() => Inner::Closed {
                 failures: failures + 1,
             },
             Inner::Closed { .. } | Inner::HalfOpen => Inner::Open {
-                until: now + self.cool_down,
+                until: now + self.cool_down(),
             },
             Inner::Open { until } => Inner::Open { until },
         };

@@ -20,7 +20,7 @@ pub mod backoff;
 pub mod breaker;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -64,13 +64,23 @@ pub struct Parts {
     pub wake: Arc<Notify>,
 }
 
+/// What a lane sends with; swapped whole by a configuration reload (a
+/// batch in flight keeps the destination it was claimed for).
+#[derive(Clone)]
+struct LaneConf {
+    /// `None`: the resource is no longer configured; after
+    /// `delivery.removed_resource_grace` its records are dead-lettered as
+    /// `not_found`.
+    destination: Option<Arc<dyn Destination>>,
+    limits: LaneLimits,
+    /// When the resource left the configuration.
+    removed_at: Option<tokio::time::Instant>,
+}
+
 /// One destination resource's lane.
 struct LaneState {
     lane: Lane,
-    /// `None`: the resource is no longer configured; its records are
-    /// dead-lettered as `not_found`.
-    destination: Option<Arc<dyn Destination>>,
-    limits: LaneLimits,
+    conf: RwLock<LaneConf>,
     breaker: Breaker,
     /// Batches in flight to this resource.
     slots: Arc<Semaphore>,
@@ -79,17 +89,161 @@ struct LaneState {
     batch_done: Notify,
 }
 
+impl LaneState {
+    fn conf(&self) -> LaneConf {
+        self.conf.read().expect("lane conf lock").clone()
+    }
+
+    /// A reload: the resource is (still, again) configured as `destination`
+    /// with `limits`, or has left the configuration (`None`).
+    fn reconfigure(&self, destination: Option<Arc<dyn Destination>>, limits: Option<LaneLimits>) {
+        let mut conf = self.conf.write().expect("lane conf lock");
+        if let Some(limits) = limits {
+            crate::reload::resize(
+                &self.slots,
+                conf.limits.concurrency.max(1),
+                limits.concurrency.max(1),
+            );
+            conf.limits = limits;
+        }
+        conf.removed_at = match (&destination, conf.removed_at) {
+            (Some(_), _) => None,
+            (None, Some(at)) => Some(at),
+            (None, None) => Some(tokio::time::Instant::now()),
+        };
+        conf.destination = destination;
+        drop(conf);
+        self.wake.notify_one();
+    }
+}
+
+type Lanes = Arc<RwLock<HashMap<Lane, Arc<LaneState>>>>;
+
 /// Everything lanes and the completer share.
 struct Shared {
     journal: Arc<dyn Journal>,
     metrics: Arc<Metrics>,
-    policy: DeliveryConfig,
+    /// The retry policy and limits; swapped by a reload. A batch keeps the
+    /// policy it was claimed under.
+    policy: RwLock<Arc<DeliveryConfig>>,
     /// Batches in flight over all lanes beyond each lane's first
     /// (`delivery.workers`).
     global: Arc<Semaphore>,
     done: mpsc::Sender<Done>,
     /// Journal errors every lane would log each second: once per 10 s.
     errors: RateLimited,
+}
+
+impl Shared {
+    fn policy(&self) -> Arc<DeliveryConfig> {
+        self.policy.read().expect("policy lock").clone()
+    }
+}
+
+/// The running dispatcher, to reconfigure it on a reload. Holds no lane
+/// alive: when delivery stops, reconfiguring does nothing.
+#[derive(Clone)]
+pub struct Dispatcher {
+    shared: Weak<Shared>,
+    lanes: Lanes,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl Dispatcher {
+    /// Applies a reloaded configuration: the new policy and limits, new
+    /// lanes for new resources, the new destinations for the others (a
+    /// batch in flight finishes on the destination it was claimed for), and
+    /// resources that left the configuration start their grace period.
+    pub async fn reconfigure(&self, registry: Registry, policy: DeliveryConfig) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        if self.cancel.is_cancelled() {
+            return;
+        }
+        let old = shared.policy();
+        crate::reload::resize(&shared.global, old.workers, policy.workers);
+        *shared.policy.write().expect("policy lock") = Arc::new(policy.clone());
+        {
+            let mut lanes = self.lanes.write().expect("lanes lock");
+            let mut configured = std::collections::HashSet::new();
+            for ((kind, id), destination, limits) in registry.iter() {
+                let key = Lane {
+                    kind: *kind,
+                    resource_id: id.clone(),
+                };
+                configured.insert(key.clone());
+                match lanes.get(&key) {
+                    Some(state) => state.reconfigure(Some(destination.clone()), Some(limits)),
+                    None => {
+                        shared.metrics.breaker_state(*kind, id, 0);
+                        let state =
+                            new_lane(key.clone(), Some(destination.clone()), limits, &policy);
+                        lanes.insert(key, state.clone());
+                        self.tracker.spawn(lane_loop(
+                            state,
+                            shared.clone(),
+                            self.tracker.clone(),
+                            self.cancel.clone(),
+                        ));
+                    }
+                }
+            }
+            for (key, state) in lanes.iter() {
+                state
+                    .breaker
+                    .set(policy.breaker_failure_threshold, policy.breaker_cool_down);
+                if !configured.contains(key) && state.conf().destination.is_some() {
+                    tracing::warn!(
+                        destination = %key.resource_id,
+                        grace = %humantime::format_duration(policy.removed_resource_grace),
+                        "resource left the configuration: its pending records wait for it to come back, then are dead-lettered as not_found"
+                    );
+                    state.reconfigure(None, None);
+                }
+            }
+        }
+        adopt_orphans(&shared, &self.lanes, &self.tracker, &self.cancel).await;
+    }
+}
+
+/// Gives a lane to each resource that has pending records in the journal
+/// but no lane (it left the configuration before this process started, or
+/// another replica accepted records for it): they wait out the grace
+/// period, then are dead-lettered as `not_found`.
+async fn adopt_orphans(
+    shared: &Arc<Shared>,
+    lanes: &Lanes,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) {
+    let found = match shared.journal.pending_lanes().await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot list the journal's lanes; records of removed resources stay pending");
+            return;
+        }
+    };
+    let policy = shared.policy();
+    let mut lanes = lanes.write().expect("lanes lock");
+    for lane in found {
+        if lanes.contains_key(&lane) || cancel.is_cancelled() {
+            continue;
+        }
+        let limits = LaneLimits {
+            concurrency: 1,
+            max_batch: 512,
+        };
+        let state = new_lane(lane.clone(), None, limits, &policy);
+        lanes.insert(lane, state.clone());
+        tracker.spawn(lane_loop(
+            state,
+            shared.clone(),
+            tracker.clone(),
+            cancel.clone(),
+        ));
+    }
 }
 
 /// A batch's outcomes, on their way to the completer.
@@ -102,7 +256,7 @@ struct Done {
 /// Starts the lanes, the completer and the pruner on `tracker`. They stop
 /// when `cancel` fires: lanes stop claiming, batches in flight finish their
 /// send, and the completer writes every outcome before it returns.
-pub fn start(parts: Parts, tracker: &TaskTracker, cancel: CancellationToken) {
+pub fn start(parts: Parts, tracker: &TaskTracker, cancel: CancellationToken) -> Dispatcher {
     let Parts {
         journal,
         registry,
@@ -116,7 +270,7 @@ pub fn start(parts: Parts, tracker: &TaskTracker, cancel: CancellationToken) {
         journal: journal.clone(),
         metrics: metrics.clone(),
         global: Arc::new(Semaphore::new(policy.workers)),
-        policy: policy.clone(),
+        policy: RwLock::new(Arc::new(policy.clone())),
         done: done_tx,
         errors: RateLimited::new(Duration::from_secs(10)),
     });
@@ -132,8 +286,8 @@ pub fn start(parts: Parts, tracker: &TaskTracker, cancel: CancellationToken) {
             new_lane(lane, Some(destination.clone()), limits, &policy),
         );
     }
-    let lanes = Arc::new(lanes);
-    for lane in lanes.values() {
+    let lanes: Lanes = Arc::new(RwLock::new(lanes));
+    for lane in lanes.read().expect("lanes lock").values() {
         tracker.spawn(lane_loop(
             lane.clone(),
             shared.clone(),
@@ -142,7 +296,7 @@ pub fn start(parts: Parts, tracker: &TaskTracker, cancel: CancellationToken) {
         ));
     }
     // Records of resources that left the configuration get a lane that
-    // dead-letters them.
+    // dead-letters them after the grace period.
     {
         let (shared, tracker2, cancel, lanes) = (
             shared.clone(),
@@ -150,34 +304,19 @@ pub fn start(parts: Parts, tracker: &TaskTracker, cancel: CancellationToken) {
             cancel.clone(),
             lanes.clone(),
         );
-        tracker.spawn(async move {
-            match shared.journal.pending_lanes().await {
-                Ok(found) => {
-                    for lane in found.into_iter().filter(|l| !lanes.contains_key(l)) {
-                        let limits = LaneLimits {
-                            concurrency: 1,
-                            max_batch: 512,
-                        };
-                        let state = new_lane(lane, None, limits, &shared.policy);
-                        tracker2.spawn(lane_loop(
-                            state,
-                            shared.clone(),
-                            tracker2.clone(),
-                            cancel.clone(),
-                        ));
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot list the journal's lanes; records of removed resources stay pending")
-                }
-            }
-        });
+        tracker.spawn(async move { adopt_orphans(&shared, &lanes, &tracker2, &cancel).await });
     }
     tracker.spawn(fan_out(wake, lanes.clone(), cancel.clone()));
-    tracker.spawn(completer(done_rx, journal.clone(), metrics, lanes));
-    tracker.spawn(prune_loop(journal, retention, cancel));
+    tracker.spawn(completer(done_rx, journal.clone(), metrics));
+    tracker.spawn(prune_loop(journal, retention, cancel.clone()));
     // `shared` (and with it the completer's sender) now lives only in the
     // lanes and their batches: the completer ends after the last of them.
+    Dispatcher {
+        shared: Arc::downgrade(&shared),
+        lanes,
+        tracker: tracker.clone(),
+        cancel,
+    }
 }
 
 fn new_lane(
@@ -186,10 +325,14 @@ fn new_lane(
     limits: LaneLimits,
     policy: &DeliveryConfig,
 ) -> Arc<LaneState> {
+    let removed_at = destination.is_none().then(tokio::time::Instant::now);
     Arc::new(LaneState {
         lane,
-        destination,
-        limits,
+        conf: RwLock::new(LaneConf {
+            destination,
+            limits,
+            removed_at,
+        }),
         breaker: Breaker::new(policy.breaker_failure_threshold, policy.breaker_cool_down),
         slots: Arc::new(Semaphore::new(limits.concurrency.max(1))),
         wake: Notify::new(),
@@ -198,17 +341,13 @@ fn new_lane(
 }
 
 /// Ingest wakes one `Notify`; every lane looks at the journal.
-async fn fan_out(
-    wake: Arc<Notify>,
-    lanes: Arc<HashMap<Lane, Arc<LaneState>>>,
-    cancel: CancellationToken,
-) {
+async fn fan_out(wake: Arc<Notify>, lanes: Lanes, cancel: CancellationToken) {
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = wake.notified() => {}
         }
-        for lane in lanes.values() {
+        for lane in lanes.read().expect("lanes lock").values() {
             lane.wake.notify_one();
         }
     }
@@ -220,14 +359,31 @@ async fn lane_loop(
     tracker: TaskTracker,
     cancel: CancellationToken,
 ) {
-    let lease = shared.policy.lease;
     let mut next_expiry_check = tokio::time::Instant::now();
     loop {
         if cancel.is_cancelled() {
             return;
         }
+        // This round's configuration: the batch claimed now is sent with it
+        // even if a reload swaps it meanwhile.
+        let policy = shared.policy();
+        let conf = lane.conf();
+        if let (None, Some(removed_at)) = (&conf.destination, conf.removed_at) {
+            // Left the configuration: wait for it to come back (a reload
+            // wakes the lane) until the grace period ends.
+            let until = removed_at + policy.removed_resource_grace;
+            if tokio::time::Instant::now() < until {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = lane.wake.notified() => {}
+                    _ = tokio::time::sleep_until(until) => {}
+                }
+                continue;
+            }
+        }
+        let lease = policy.lease;
         let (limit, probe) = match lane.breaker.admit(tokio::time::Instant::now()) {
-            Admit::Go => (lane.limits.max_batch, false),
+            Admit::Go => (conf.limits.max_batch, false),
             Admit::Probe => {
                 shared.metrics.breaker_state(
                     lane.lane.kind,
@@ -243,10 +399,10 @@ async fn lane_loop(
                 // that is shorter: the look walks the lane's backlog).
                 let now = tokio::time::Instant::now();
                 if now >= next_expiry_check {
-                    expire_waiting(&lane, &shared).await;
+                    expire_waiting(&lane, &shared, &policy).await;
                     next_expiry_check = now
                         + EXPIRY_CHECK_EVERY
-                            .min(shared.policy.max_record_age / 4)
+                            .min(policy.max_record_age / 4)
                             .max(Duration::from_millis(100));
                 }
                 tokio::select! {
@@ -300,8 +456,8 @@ async fn lane_loop(
                     // Let the records of the next few milliseconds join
                     // this batch: at a steady trickle, one claim, one send
                     // and one outcome commit then serve several records.
-                    if !shared.policy.linger.is_zero() {
-                        tokio::time::sleep(shared.policy.linger).await;
+                    if !policy.linger.is_zero() {
+                        tokio::time::sleep(policy.linger).await;
                     }
                 }
                 _ = tokio::time::sleep(wait) => {}
@@ -313,7 +469,7 @@ async fn lane_loop(
         // for a share ends as soon as this lane's other batches are done:
         // then this batch goes as the lane's own, whatever others hold.
         let global = loop {
-            if lane.slots.available_permits() + 1 == lane.limits.concurrency.max(1) {
+            if lane.slots.available_permits() + 1 >= conf.limits.concurrency.max(1) {
                 break None;
             }
             tokio::select! {
@@ -330,6 +486,10 @@ async fn lane_loop(
         tracker.spawn(send_batch(
             lane.clone(),
             shared.clone(),
+            Round {
+                destination: conf.destination,
+                policy,
+            },
             claimed,
             probe,
             (slot, global),
@@ -338,12 +498,12 @@ async fn lane_loop(
 }
 
 /// Dead-letters a waiting lane's records that are past `max_record_age`.
-async fn expire_waiting(lane: &Arc<LaneState>, shared: &Arc<Shared>) {
-    let max_age = shared.policy.max_record_age;
+async fn expire_waiting(lane: &Arc<LaneState>, shared: &Arc<Shared>, policy: &DeliveryConfig) {
+    let max_age = policy.max_record_age;
     let before = now_ms() - max_age.as_millis() as i64;
     match shared
         .journal
-        .claim_expired(&lane.lane, before, 512, shared.policy.lease)
+        .claim_expired(&lane.lane, before, 512, policy.lease)
         .await
     {
         Ok(expired) if !expired.is_empty() => {
@@ -388,15 +548,22 @@ fn dead(record: &Claimed, attempts: u32, e: DeliveryError) -> Outcome {
     }
 }
 
+/// The configuration a batch was claimed under, which it finishes on.
+struct Round {
+    destination: Option<Arc<dyn Destination>>,
+    policy: Arc<DeliveryConfig>,
+}
+
 /// Sends one claimed batch and hands its outcomes to the completer.
 async fn send_batch(
     lane: Arc<LaneState>,
     shared: Arc<Shared>,
+    round: Round,
     batch: Vec<Claimed>,
     probe: bool,
     permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 ) {
-    let policy = &shared.policy;
+    let policy = &*round.policy;
     let now = now_ms();
     let mut outcomes: Vec<(Claimed, Outcome)> = Vec::with_capacity(batch.len());
     let mut to_send: Vec<Claimed> = Vec::with_capacity(batch.len());
@@ -414,15 +581,24 @@ async fn send_batch(
         }
     }
     let key = &lane.lane;
-    if probe && (to_send.is_empty() || lane.destination.is_none()) {
+    if probe && (to_send.is_empty() || round.destination.is_none()) {
         // The probe's record was not sent (it expired, or its resource is
         // gone): no verdict, so let the next claim probe again rather than
         // stay half-open for ever.
         lane.breaker.on_abandon(tokio::time::Instant::now());
     }
-    if let Some(destination) = &lane.destination {
+    if let Some(destination) = &round.destination {
         if !to_send.is_empty() {
-            sent(&lane, &shared, destination, to_send, probe, &mut outcomes).await;
+            sent(
+                &lane,
+                &shared,
+                policy,
+                destination,
+                to_send,
+                probe,
+                &mut outcomes,
+            )
+            .await;
         }
     } else {
         for record in to_send {
@@ -458,12 +634,12 @@ async fn send_batch(
 async fn sent(
     lane: &LaneState,
     shared: &Shared,
+    policy: &DeliveryConfig,
     destination: &Arc<dyn Destination>,
     batch: Vec<Claimed>,
     probe: bool,
     outcomes: &mut Vec<(Claimed, Outcome)>,
 ) {
-    let policy = &shared.policy;
     let key = &lane.lane;
     let mut batch = batch;
     let outgoing: Vec<OutgoingRecord> = batch
@@ -668,12 +844,7 @@ fn retry(
 
 /// Writes outcomes in batches; counts and logs each final outcome once the
 /// journal has it, and only for records whose row it changed.
-async fn completer(
-    mut rx: mpsc::Receiver<Done>,
-    journal: Arc<dyn Journal>,
-    metrics: Arc<Metrics>,
-    lanes: Arc<HashMap<Lane, Arc<LaneState>>>,
-) {
+async fn completer(mut rx: mpsc::Receiver<Done>, journal: Arc<dyn Journal>, metrics: Arc<Metrics>) {
     let mut group: Vec<Done> = Vec::new();
     let errors = RateLimited::new(Duration::from_secs(10));
     while let Some(first) = rx.recv().await {
@@ -727,7 +898,6 @@ async fn completer(
         }
     }
     // Every lane and batch has stopped.
-    drop(lanes);
 }
 
 /// Counts and logs one written outcome; true when the record is due again.
