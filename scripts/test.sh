@@ -53,6 +53,14 @@ if ! PGCONNECT_TIMEOUT=5 psql -h 127.0.0.1 -U postgres -w -tAc 'SELECT 1' >/dev/
     sudo_cmd bash -c "$PG_TRUST"
 fi
 
+# promtool (Debian's prometheus package) runs the alert rules' unit tests
+# (tests/deploy.rs).
+if ! command -v promtool >/dev/null 2>&1; then
+    echo "test.sh: installing promtool (prometheus)" >&2
+    sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive sudo_cmd apt-get install -y -qq --no-install-recommends prometheus
+fi
+
 # The benchmark harness is built (so it cannot rot) but not run here: it
 # takes minutes and its figures belong in BENCHMARKS.md, not in a test.
 cargo build --benches

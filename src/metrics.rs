@@ -251,6 +251,14 @@ impl Metrics {
             "Journal size on disk",
             journal_bytes.clone(),
         );
+        // Bounded label sets start at 0, so increase() sees their first
+        // increment.
+        for destination_type in ["Success", "Failure"] {
+            let _ = skipped.get_or_create(&SkippedLabels { destination_type });
+        }
+        for result in ["applied", "refused"] {
+            let _ = reloads.get_or_create(&ReloadLabels { result });
+        }
         Self {
             registry,
             deliveries,
@@ -398,6 +406,19 @@ impl Metrics {
     /// Dead letters replayed.
     pub fn replayed(&self, n: u64) {
         self.replayed.inc_by(n);
+    }
+
+    /// A lane for a configured resource: its breaker closed, and its
+    /// counters exported at 0 so that `increase()` sees their first
+    /// increment.
+    pub fn lane_added(&self, kind: DestKind, id: &str) {
+        let labels = DestinationLabels {
+            destination_kind: kind.as_str(),
+            destination_id: id.to_string(),
+        };
+        self.breaker.get_or_create(&labels).set(0);
+        let _ = self.fenced.get_or_create(&labels);
+        let _ = self.claimed.get_or_create(&labels);
     }
 
     /// Outcomes refused by the journal because their claim was stale.

@@ -177,7 +177,7 @@ impl Dispatcher {
                 match lanes.get(&key) {
                     Some(state) => state.reconfigure(Some(destination.clone()), Some(limits)),
                     None => {
-                        shared.metrics.breaker_state(*kind, id, 0);
+                        shared.metrics.lane_added(*kind, id);
                         let state =
                             new_lane(key.clone(), Some(destination.clone()), limits, &policy);
                         lanes.insert(key, state.clone());
@@ -276,7 +276,7 @@ pub fn start(parts: Parts, tracker: &TaskTracker, cancel: CancellationToken) -> 
     });
     let mut lanes: HashMap<Lane, Arc<LaneState>> = HashMap::new();
     for ((kind, id), destination, limits) in registry.iter() {
-        metrics.breaker_state(*kind, id, 0);
+        metrics.lane_added(*kind, id);
         let lane = Lane {
             kind: *kind,
             resource_id: id.clone(),
