@@ -643,6 +643,232 @@ pub fn load_traced(
     })
 }
 
+/// Every problem of a configuration in one pass, for `check-config`: a
+/// file that cannot be read or is not TOML is one problem; otherwise each
+/// key whose value has the wrong type (or is unknown) is reported with
+/// where it came from (the file or its `FNRELAY__` variable), the rest is
+/// parsed without those keys and validated, and its problems are added.
+/// Returns the configuration when there is no problem at all.
+pub fn diagnose(
+    source: Source<'_>,
+    env: Option<config::Map<String, String>>,
+) -> (Option<Loaded>, Vec<ConfigIssue>) {
+    let (text, origin) = match source {
+        Source::File(path) => match std::fs::read_to_string(path) {
+            Ok(t) => (t, format!("file {}", path.display())),
+            Err(e) => {
+                return (
+                    None,
+                    vec![ConfigIssue {
+                        key: "(file)".into(),
+                        reason: format!("cannot read {}: {e}", path.display()),
+                    }],
+                );
+            }
+        },
+        Source::Text(text) => (text.to_string(), "embedded default".to_string()),
+    };
+    let vars: BTreeMap<String, String> = match &env {
+        Some(map) => map.clone().into_iter().collect(),
+        None => std::env::vars().collect(),
+    };
+    let vars: BTreeMap<String, String> = vars
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("FNRELAY__"))
+        .collect();
+    let environment = config::Environment::with_prefix("FNRELAY")
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true)
+        .source(Some(vars.clone().into_iter().collect()));
+    let built = config::Config::builder()
+        .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+        .add_source(environment)
+        .build();
+    let built = match built {
+        Ok(b) => b,
+        Err(e) => {
+            return (
+                None,
+                vec![ConfigIssue {
+                    key: "(file)".into(),
+                    reason: format!("{origin} is not valid TOML: {e}"),
+                }],
+            );
+        }
+    };
+    let config::ValueKind::Table(mut root) = built.cache.kind else {
+        return (None, Vec::new());
+    };
+    let mut issues = Vec::new();
+    let from = |key: &str, value: &config::Value| -> String {
+        if env_origin(value) {
+            format!(
+                "FNRELAY__{}",
+                key.replace('.', "__").replace('"', "").to_uppercase()
+            )
+        } else {
+            origin.clone()
+        }
+    };
+    let mut bad = |key: String, value: &config::Value, e: config::ConfigError| {
+        let reason = format!("{e} (from {})", from(&key, value));
+        issues.push(ConfigIssue { key, reason });
+    };
+    let keys: Vec<String> = root.keys().cloned().collect();
+    for top in keys {
+        let mut value = root.remove(&top).expect("listed key");
+        let keep = match top.as_str() {
+            "server" => check_leaves::<ServerConfig>(&top, &mut value, &mut bad),
+            "journal" => check_leaves::<JournalConfig>(&top, &mut value, &mut bad),
+            "delivery" => check_leaves::<DeliveryConfig>(&top, &mut value, &mut bad),
+            "log" => check_leaves::<LogConfig>(&top, &mut value, &mut bad),
+            "queues" | "streams" | "topics" => {
+                check_entries::<Resource>(&top, &mut value, &mut bad);
+                true
+            }
+            "routes" => {
+                if let config::ValueKind::Table(t) = &mut value.kind {
+                    if let Some(mut d) = t.remove("default")
+                        && check_leaves::<Route>("routes.default", &mut d, &mut bad)
+                    {
+                        t.insert("default".into(), d);
+                    }
+                    for group in ["applications", "functions"] {
+                        if let Some(mut g) = t.remove(group) {
+                            check_entries::<Route>(&format!("routes.{group}"), &mut g, &mut bad);
+                            t.insert(group.into(), g);
+                        }
+                    }
+                }
+                check_whole::<RoutesConfig>(&top, &value, &mut bad)
+            }
+            "policy" => check_whole::<PolicyConfig>(&top, &value, &mut bad),
+            _ => {
+                let reason = "unknown section".to_string();
+                issues_push(&mut bad, top.clone(), &value, reason);
+                false
+            }
+        };
+        if keep {
+            root.insert(top, value);
+        }
+    }
+    let rest = config::Value::new(None, config::ValueKind::Table(root));
+    let config = match rest.try_deserialize::<Config>() {
+        Ok(c) => c,
+        Err(e) => {
+            issues.push(ConfigIssue {
+                key: "(configuration)".into(),
+                reason: e.to_string(),
+            });
+            return (None, issues);
+        }
+    };
+    if let Err(ConfigError::Invalid(more)) = config.validate() {
+        issues.extend(more);
+    }
+    if !issues.is_empty() {
+        return (None, issues);
+    }
+    match load_traced(Source::Text(&text), Some(vars.into_iter().collect())) {
+        Ok(mut loaded) => {
+            loaded.sources[0] = origin;
+            (Some(loaded), issues)
+        }
+        Err(e) => (
+            None,
+            vec![ConfigIssue {
+                key: "(configuration)".into(),
+                reason: e.to_string(),
+            }],
+        ),
+    }
+}
+
+/// Whether a value (or any value inside it) came from the environment.
+fn env_origin(value: &config::Value) -> bool {
+    if value.origin() == Some("the environment") {
+        return true;
+    }
+    match &value.kind {
+        config::ValueKind::Table(t) => t.values().any(env_origin),
+        config::ValueKind::Array(a) => a.iter().any(env_origin),
+        _ => false,
+    }
+}
+
+fn issues_push(
+    bad: &mut impl FnMut(String, &config::Value, config::ConfigError),
+    key: String,
+    value: &config::Value,
+    reason: String,
+) {
+    bad(key, value, config::ConfigError::Message(reason));
+}
+
+/// Deserializes each key of a section table alone (the section's other keys
+/// take their defaults), reporting and removing each bad one. False when
+/// the section is not a table at all.
+fn check_leaves<T: serde::de::DeserializeOwned>(
+    section: &str,
+    value: &mut config::Value,
+    bad: &mut impl FnMut(String, &config::Value, config::ConfigError),
+) -> bool {
+    let config::ValueKind::Table(table) = &mut value.kind else {
+        let e = config::ConfigError::Message("must be a table".into());
+        bad(section.to_string(), value, e);
+        return false;
+    };
+    let keys: Vec<String> = table.keys().cloned().collect();
+    for key in keys {
+        let leaf = table.get(&key).expect("listed key").clone();
+        let mut one = config::Map::new();
+        one.insert(key.clone(), leaf.clone());
+        let alone = config::Value::new(None, config::ValueKind::Table(one));
+        if let Err(e) = alone.try_deserialize::<T>() {
+            bad(format!("{section}.{key}"), &leaf, e);
+            table.remove(&key);
+        }
+    }
+    true
+}
+
+/// Deserializes each entry of a table of `T` alone, reporting and removing
+/// each bad one.
+fn check_entries<T: serde::de::DeserializeOwned>(
+    section: &str,
+    value: &mut config::Value,
+    bad: &mut impl FnMut(String, &config::Value, config::ConfigError),
+) {
+    let config::ValueKind::Table(table) = &mut value.kind else {
+        return;
+    };
+    let keys: Vec<String> = table.keys().cloned().collect();
+    for key in keys {
+        let entry = table.get(&key).expect("listed key").clone();
+        if let Err(e) = entry.clone().try_deserialize::<T>() {
+            bad(format!("{section}.{}", quote_key(&key)), &entry, e);
+            table.remove(&key);
+        }
+    }
+}
+
+/// Deserializes a whole section, reporting it when bad.
+fn check_whole<T: serde::de::DeserializeOwned>(
+    section: &str,
+    value: &config::Value,
+    bad: &mut impl FnMut(String, &config::Value, config::ConfigError),
+) -> bool {
+    match value.clone().try_deserialize::<T>() {
+        Ok(_) => true,
+        Err(e) => {
+            bad(section.to_string(), value, e);
+            false
+        }
+    }
+}
+
 impl Config {
     /// Checks every value that can be checked without network I/O.
     pub fn validate(&self) -> Result<(), ConfigError> {

@@ -14,7 +14,15 @@ use crate::config::{Config, LogFormat};
 /// is a terminal and `NO_COLOR` is unset) or JSON, on stderr.
 pub fn init(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level))
+        // lapin logs a returned message with its body (the record, as a
+        // byte array); the AMQP backend logs the record id and routing key
+        // instead.
+        .add_directive(
+            "lapin::returned_messages=error"
+                .parse()
+                .expect("a valid directive"),
+        );
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match config.log.format {

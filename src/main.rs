@@ -25,13 +25,21 @@ struct Cli {
 enum Command {
     /// Run the daemon (the default).
     Run,
-    /// Validate the configuration and exit 0, or non-zero naming every problem.
-    /// Also connects to each broker destination and checks its queue, stream
-    /// or exchange exists, unless --offline.
+    /// Validate the configuration and exit 0, or non-zero naming every
+    /// problem (parse and type errors with their key and whether they came
+    /// from the file or the environment, then invalid values). Unless
+    /// --offline, also checks the journal (reads it, or connects to
+    /// PostgreSQL) and connects to each destination to check its queue,
+    /// stream, exchange or routing; changes nothing unless --declare.
     CheckConfig {
-        /// Only check the file; do not connect to destinations.
+        /// Only check the file; do not touch the journal or destinations.
         #[arg(long)]
         offline: bool,
+        /// Create what the configuration asks to create (`declare = true`
+        /// queues and exchanges, `create_stream = true` streams, file
+        /// destinations) instead of only looking.
+        #[arg(long, conflicts_with = "offline")]
+        declare: bool,
     },
     /// Print the embedded default configuration.
     PrintDefaultConfig,
@@ -87,28 +95,9 @@ fn load_traced(path: Option<&PathBuf>) -> Result<config::Loaded, config::ConfigE
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
-        Command::CheckConfig { offline } => match load(cli.config.as_ref()) {
-            Ok(config) => {
-                if !offline && let Err(problems) = check_destinations(&config) {
-                    eprintln!("{problems}");
-                    return ExitCode::FAILURE;
-                }
-                if !offline && let Err(problem) = check_journal(&config) {
-                    eprintln!("{problem}");
-                    return ExitCode::FAILURE;
-                }
-                let what = cli
-                    .config
-                    .as_ref()
-                    .map_or("embedded default".to_string(), |p| p.display().to_string());
-                println!("configuration OK: {what}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::CheckConfig { offline, declare } => {
+            check_config(cli.config.as_ref(), offline, declare)
+        }
         Command::Migrate => match load(cli.config.as_ref())
             .map_err(anyhow::Error::from)
             .and_then(migrate)
@@ -162,50 +151,88 @@ fn main() -> ExitCode {
     }
 }
 
-/// Builds every destination and runs its check; the error lists each failure.
-fn check_destinations(config: &Config) -> Result<(), String> {
-    let registry = fnrelay::destination::Registry::build(config)
-        .map_err(|e| format!("invalid configuration:\n  - {e}"))?;
+/// `check-config`: every problem in one run, then the journal and the
+/// destinations (unless `offline`); exits 1 when anything is wrong.
+fn check_config(path: Option<&PathBuf>, offline: bool, declare: bool) -> ExitCode {
+    let source = match path {
+        Some(p) => Source::File(p),
+        None => Source::Text(config::DEFAULT_TOML),
+    };
+    let (loaded, issues) = config::diagnose(source, None);
+    let Some(loaded) = loaded else {
+        eprintln!("invalid configuration: {} problem(s)", issues.len());
+        for issue in &issues {
+            eprintln!("  - {issue}");
+        }
+        return ExitCode::FAILURE;
+    };
+    println!("read: {}", loaded.sources.join("; "));
+    let mut problems = Vec::new();
+    if !offline {
+        match check_journal(&loaded.config) {
+            Ok(what) => println!("journal: {what}"),
+            Err(e) => problems.push(format!("journal: {e}")),
+        }
+        match check_destinations(&loaded.config, declare) {
+            Ok(n) => println!(
+                "destinations: {n} checked{}",
+                if declare {
+                    " (declared where configured)"
+                } else {
+                    " (nothing created; --declare creates what the configuration declares)"
+                }
+            ),
+            Err(failed) => problems.extend(failed),
+        }
+    }
+    if !problems.is_empty() {
+        eprintln!("check failed: {} problem(s)", problems.len());
+        for p in &problems {
+            eprintln!("  - {p}");
+        }
+        return ExitCode::FAILURE;
+    }
+    println!("configuration OK (hash {})", loaded.hash);
+    ExitCode::SUCCESS
+}
+
+/// Builds every destination and runs its check (creating nothing unless
+/// `declare`); the error lists each failure.
+fn check_destinations(config: &Config, declare: bool) -> Result<usize, Vec<String>> {
+    let registry =
+        fnrelay::destination::Registry::build(config).map_err(|e| vec![format!("{e}")])?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| e.to_string())?;
-    let failed = runtime.block_on(registry.check_all());
+        .map_err(|e| vec![e.to_string()])?;
+    let failed = runtime.block_on(registry.check_all(declare));
     if failed.is_empty() {
-        return Ok(());
+        return Ok(registry.iter().count());
     }
-    let lines: Vec<String> = failed
+    Err(failed
         .iter()
-        .map(|(name, e)| format!("  - {name}: {}", e.full_message()))
-        .collect();
-    Err(format!("destination check failed:\n{}", lines.join("\n")))
+        .map(|(name, e)| format!("{name}: {}", e.full_message()))
+        .collect())
 }
 
-/// For the PostgreSQL journal: connects and reads the schema version,
-/// changing nothing. (The SQLite journal is opened at start.)
-fn check_journal(config: &Config) -> Result<(), String> {
-    if config.journal.backend != config::JournalBackend::Postgres {
-        return Ok(());
+/// The journal, changing nothing: the SQLite file (or where it will be
+/// created) is read; PostgreSQL is connected to and its schema version read.
+fn check_journal(config: &Config) -> Result<String, String> {
+    if config.journal.backend == config::JournalBackend::Sqlite {
+        return fnrelay::journal::check_sqlite(&config.journal.path)
+            .map_err(|e| format!("journal.path: {e}"));
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     match runtime.block_on(fnrelay::journal::check_postgres(&config.journal)) {
-        Ok(0) => {
-            println!(
-                "journal: PostgreSQL reachable; its schema is created at the first start (or by `fnrelay migrate`)"
-            );
-            Ok(())
-        }
-        Ok(version) => {
-            println!("journal: PostgreSQL reachable, schema version {version}");
-            Ok(())
-        }
-        Err(e) => Err(format!(
-            "journal check failed:\n  - journal.url: {}",
-            fnrelay::logging::Chain(&e)
-        )),
+        Ok(0) => Ok(
+            "PostgreSQL reachable; its schema is created at the first start (or by `fnrelay migrate`)"
+                .into(),
+        ),
+        Ok(version) => Ok(format!("PostgreSQL reachable, schema version {version}")),
+        Err(e) => Err(format!("journal.url: {}", fnrelay::logging::Chain(&e))),
     }
 }
 

@@ -244,7 +244,7 @@ pub fn read_token(config: &Config) -> Result<Option<String>, String> {
 /// must not stop ingest; its records wait and retry.
 pub fn check_in_background(registry: Registry) {
     tokio::spawn(async move {
-        for (name, e) in registry.check_all().await {
+        for (name, e) in registry.check_all(true).await {
             tracing::warn!(destination = %name, error = %e.full_message(), "destination check failed; its records will be retried");
         }
     });

@@ -57,7 +57,8 @@ async fn drain(queue: &str) -> Vec<(String, serde_json::Value, String)> {
     out
 }
 
-async fn delete(queue: &str) {
+/// A connection to the test broker and a channel on it.
+async fn broker() -> (Connection, lapin::Channel) {
     let conn = Connection::connect(
         &format!("amqp://guest:guest@{BROKER}/%2f"),
         ConnectionProperties::default(),
@@ -65,6 +66,43 @@ async fn delete(queue: &str) {
     .await
     .unwrap();
     let channel = conn.create_channel().await.unwrap();
+    (conn, channel)
+}
+
+/// Declares a durable queue on the broker, as an operator would.
+async fn declare(queue: &str) {
+    let (_conn, channel) = broker().await;
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+}
+
+/// Whether a queue exists (a passive declare).
+async fn exists(queue: &str) -> bool {
+    let (_conn, channel) = broker().await;
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .is_ok()
+}
+
+async fn delete(queue: &str) {
+    let (_conn, channel) = broker().await;
     let _ = channel
         .queue_delete(queue.into(), QueueDeleteOptions::default())
         .await;
@@ -73,12 +111,10 @@ async fn delete(queue: &str) {
 #[tokio::test]
 async fn records_arrive_persistent_with_message_id_and_channel_as_routing_key() {
     let queue = unique("fnrelay-amqp");
-    // The queue is declared by the daemon; channelId routes to it.
-    let d = start(&config(
-        BROKER,
-        &format!("queue = \"{queue}\"\ndeclare = true"),
-    ))
-    .await;
+    // No `queue` key: the channelId is the routing key on the default
+    // exchange, so it names the queue.
+    declare(&queue).await;
+    let d = start(&config(BROKER, "")).await;
     let mut e = event("amqp-1", 502);
     e["destinations"] =
         serde_json::json!({"failure": {"kind": "QUEUE", "queueId": "jobs", "channelId": queue}});
@@ -139,6 +175,136 @@ async fn an_unroutable_record_waits_and_is_delivered_once_its_queue_exists() {
     let got = drain(&missing).await;
     assert_eq!(got.len(), 1);
     delete(&missing).await;
+}
+
+#[tokio::test]
+async fn the_queue_key_publishes_to_that_queue_whatever_the_channel_id() {
+    // The trap the shipped default route set: channelId = "failures" on the
+    // default exchange named no queue, and every record came back. With
+    // `queue`, the queue name is the routing key and the channelId travels
+    // in the channel-id header.
+    let queue = unique("fnrelay-amqp-queue");
+    let d = start(
+        &config(BROKER, &format!("queue = \"{queue}\"\ndeclare = true")).replace(
+            "failure = { kind = \"QUEUE\", queueId = \"jobs\" }",
+            "failure = { kind = \"QUEUE\", queueId = \"jobs\", channelId = \"failures\" }",
+        ),
+    )
+    .await;
+    let ids = post_many(&d, "amqp-queue", 50, 502).await;
+    d.wait_metric(&deliveries("Success", "", "Failure", "QUEUE", "jobs"), 50.0)
+        .await;
+    let got = drain(&queue).await;
+    assert_eq!(got.len(), 50);
+    for (id, body, headers) in &got {
+        assert!(ids.values().any(|v| v == id));
+        assert_eq!(body["id"].as_str(), Some(id.as_str()));
+        // The header's value, as lapin prints it: the bytes of "failures".
+        let failures = format!("{:?}", b"failures".to_vec());
+        assert!(
+            headers.contains("channel-id") && headers.contains(&failures),
+            "{headers}"
+        );
+    }
+    let text = d.metrics().await;
+    assert!(!text.contains("response_type=\"Error\""), "{text}");
+    delete(&queue).await;
+}
+
+fn check_config(path: &std::path::Path, extra: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(binary())
+        .arg("check-config")
+        .args(extra)
+        .arg("--config")
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[tokio::test]
+async fn check_config_names_the_key_to_set_when_a_channel_id_routes_nowhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let nowhere = unique("fnrelay-nowhere");
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        config(BROKER, "")
+            .replace("{dir}", dir.path().to_str().unwrap())
+            .replace(
+                "failure = { kind = \"QUEUE\", queueId = \"jobs\" }",
+                &format!(
+                    "failure = {{ kind = \"QUEUE\", queueId = \"jobs\", channelId = \"{nowhere}\" }}"
+                ),
+            ),
+    )
+    .unwrap();
+    let (ok, _, err) = check_config(&path, &[]);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("routing key `{nowhere}`"))
+            && err.contains("routes.default.failure")
+            && err.contains("set `queue = "),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn check_config_declares_only_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = unique("fnrelay-declare");
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        config(BROKER, &format!("queue = \"{queue}\"\ndeclare = true"))
+            .replace("{dir}", dir.path().to_str().unwrap()),
+    )
+    .unwrap();
+    let (ok, out, err) = check_config(&path, &[]);
+    assert!(ok, "a queue the daemon will declare passes: {out}{err}");
+    assert!(!exists(&queue).await, "check-config created nothing");
+    let (ok, out, err) = check_config(&path, &["--declare"]);
+    assert!(ok, "{out}{err}");
+    assert!(exists(&queue).await, "--declare declared the queue");
+    delete(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returned_message_is_logged_with_its_id_and_routing_key_never_its_body() {
+    let missing = unique("fnrelay-returned");
+    let dir = tempfile::tempdir().unwrap();
+    let p = process::spawn(
+        dir.path(),
+        &config(BROKER, &format!("routing_key = \"{missing}\""))
+            .replace("{dir}", dir.path().to_str().unwrap()),
+        free_port(),
+    )
+    .await;
+    let ids = post_many_to(&p.url, "returned-secret-call", 1, 200).await;
+    let id = ids.values().next().unwrap().clone();
+    wait_until(
+        "the returned message is logged",
+        Duration::from_secs(20),
+        || {
+            let found = !p.log_lines("returned the message").is_empty();
+            async move { found }
+        },
+    )
+    .await;
+    let line = p.log_lines("returned the message").remove(0);
+    assert!(line.contains(&id) && line.contains(&missing), "{line}");
+    let log = process::stop(p).await;
+    assert!(
+        !log.iter()
+            .any(|l| l.contains("returned-secret-call")
+                || l.contains("Server returned us a message")),
+        "the record's body is never logged:\n{}",
+        log.join("\n")
+    );
 }
 
 #[test]

@@ -75,12 +75,35 @@ pub trait Destination: Send + Sync + 'static {
     }
 
     /// Checks, with network I/O, that the resource exists and is usable
-    /// (a queue, stream or exchange is there; declares it when the config
-    /// asks to). Run at start (a failure is logged, records wait and retry)
-    /// and by `check-config` (a failure is an error).
-    async fn check(&self) -> Result<(), DeliveryError> {
+    /// (a queue, stream or exchange is there, records would be routed).
+    /// Creates what the configuration asks to create only when
+    /// `check.declare`. Run at start with `declare` (a failure is logged,
+    /// records wait and retry) and by `check-config` (without `declare`
+    /// unless `--declare`; a failure is an error).
+    async fn check(&self, check: &Check<'_>) -> Result<(), DeliveryError> {
+        let _ = check;
         Ok(())
     }
+}
+
+/// What a [`Destination::check`] may do and what it looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct Check<'a> {
+    /// Create what the configuration asks to create (`declare = true`,
+    /// `create_stream = true`, a file and its directory). Without it a
+    /// check changes nothing.
+    pub declare: bool,
+    /// The configured routes that send to this resource.
+    pub routes: &'a [RouteUse],
+}
+
+/// A configured route side that names a resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteUse {
+    /// Where it is configured, e.g. `routes.default.failure`.
+    pub key: String,
+    /// The channelId it gives (QUEUE destinations).
+    pub channel_id: Option<String>,
 }
 
 /// Identifies a resource: its kind and config key.
@@ -90,6 +113,8 @@ pub type ResourceKey = (DestKind, String);
 #[derive(Clone, Default)]
 pub struct Registry {
     map: HashMap<ResourceKey, (Arc<dyn Destination>, LaneLimits)>,
+    /// The configured routes naming each resource.
+    uses: HashMap<ResourceKey, Vec<RouteUse>>,
 }
 
 /// A built destination, or why it could not be built.
@@ -191,7 +216,35 @@ impl Registry {
                 map.insert((kind, id.clone()), (destination, lane));
             }
         }
-        Ok(Self { map })
+        let mut uses: HashMap<ResourceKey, Vec<RouteUse>> = HashMap::new();
+        let routes = &config.routes;
+        let named = std::iter::once(("routes.default".to_string(), &routes.default))
+            .chain(
+                routes
+                    .applications
+                    .iter()
+                    .map(|(id, r)| (format!("routes.applications.\"{id}\""), r)),
+            )
+            .chain(
+                routes
+                    .functions
+                    .iter()
+                    .map(|(id, r)| (format!("routes.functions.\"{id}\""), r)),
+            );
+        for (key, route) in named {
+            for (side, dest) in [("success", &route.success), ("failure", &route.failure)] {
+                let Some(dest) = dest else { continue };
+                if let Some((kind, id)) = dest.target() {
+                    uses.entry((kind, id.to_string()))
+                        .or_default()
+                        .push(RouteUse {
+                            key: format!("{key}.{side}"),
+                            channel_id: dest.channel().map(str::to_string),
+                        });
+                }
+            }
+        }
+        Ok(Self { map, uses })
     }
 
     /// The destination serving a resource.
@@ -210,16 +263,19 @@ impl Registry {
         self.map.insert((kind, id.into()), (destination, lane));
     }
 
-    /// Runs every destination's [`Destination::check`] concurrently;
-    /// returns `(table.id, error)` for each that failed.
-    pub async fn check_all(&self) -> Vec<(String, DeliveryError)> {
-        let checks = self.map.iter().map(|((kind, id), (d, _))| {
+    /// Runs every destination's [`Destination::check`] concurrently
+    /// (creating what the configuration asks to create only with
+    /// `declare`); returns `(table.id, error)` for each that failed.
+    pub async fn check_all(&self, declare: bool) -> Vec<(String, DeliveryError)> {
+        let checks = self.map.iter().map(|(key, (d, _))| {
             let d = d.clone();
-            let name = format!("{}.{id}", kind.table());
+            let name = format!("{}.{}", key.0.table(), key.1);
+            let routes = self.uses.get(key).map_or(&[][..], Vec::as_slice);
             async move {
+                let check = Check { declare, routes };
                 (
                     name,
-                    tokio::time::timeout(std::time::Duration::from_secs(10), d.check()).await,
+                    tokio::time::timeout(std::time::Duration::from_secs(10), d.check(&check)).await,
                 )
             }
         });

@@ -23,7 +23,7 @@ mod sqlite;
 
 pub use postgres::{PgJournal, check as check_postgres, migrate};
 use sqlite::ms_to_rfc3339;
-pub use sqlite::{SqliteJournal, now_ms};
+pub use sqlite::{SqliteJournal, check as check_sqlite, now_ms};
 
 use std::time::Duration;
 

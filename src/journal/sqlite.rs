@@ -249,6 +249,81 @@ const COLUMNS: &str =
     "id, fn_call_id, function_id, destination_type, kind, resource_id, channel_id,
      body, attempts, accepted_at, age_from";
 
+/// Checks a journal path without changing anything (`check-config`): an
+/// existing journal is read (never written) and must be writable with its
+/// directory; a missing one needs its nearest existing ancestor to be a
+/// writable directory. Says what it found.
+pub fn check(path: &Path) -> Result<String, String> {
+    let shown = path.display();
+    let writable = |p: &Path| -> Result<(), String> {
+        match std::fs::metadata(p) {
+            Ok(m) if m.permissions().readonly() => Err(format!("{} is read-only", p.display())),
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("cannot read {}: {e}", p.display())),
+        }
+    };
+    if !path.exists() {
+        let mut dir = path.parent();
+        while let Some(d) = dir {
+            let d = if d.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                d
+            };
+            if d.exists() {
+                if !d.is_dir() {
+                    return Err(format!("{} is not a directory", d.display()));
+                }
+                writable(d)?;
+                return Ok(format!(
+                    "{shown} does not exist yet; it will be created at the first start (in {})",
+                    d.display()
+                ));
+            }
+            dir = d.parent();
+        }
+        return Ok(format!("{shown} will be created at the first start"));
+    }
+    if path.is_dir() {
+        return Err(format!("{shown} is a directory, not a journal file"));
+    }
+    writable(path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // SQLite writes its -wal and -shm files beside the database.
+        writable(dir)?;
+    }
+    // Read-only: SQLite writes nothing (a running daemon's WAL is read
+    // through its shared memory; a closed journal needs no -wal or -shm).
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| format!("cannot open {shown}: {e}"))?;
+    let tables: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'records'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(|e| format!("{shown} is not a SQLite database: {e}"))?;
+    if tables == 0 {
+        return Err(format!(
+            "{shown} is a SQLite database but not a fnrelay journal (no records table)"
+        ));
+    }
+    let mut lock = path.as_os_str().to_owned();
+    lock.push(".lock");
+    let in_use = File::options()
+        .write(true)
+        .open(PathBuf::from(lock))
+        .is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)));
+    Ok(format!(
+        "{shown}: a fnrelay journal{}",
+        if in_use {
+            ", open in a running fnrelay"
+        } else {
+            ""
+        }
+    ))
+}
+
 impl SqliteJournal {
     /// Opens (or creates) the journal and starts its writer thread. Fails
     /// with [`JournalError::Locked`] when another process has it open.

@@ -7,18 +7,21 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 
-use super::{AmqpError, ChannelIdAs, encode};
-use crate::destination::OutgoingRecord;
+use super::encode::Routing;
+use super::{AmqpError, encode};
 use crate::destination::reconnect::{ConnectFailure, Reconnect};
+use crate::destination::{Check, OutgoingRecord};
+use crate::logging::RateLimited;
 
 /// What the client needs from the config.
 pub struct Settings {
     pub uri: lapin::uri::AMQPUri,
     pub exchange: String,
-    pub routing_key: Option<String>,
-    pub channel_id_as: ChannelIdAs,
-    pub resource_id: String,
+    pub routing: Routing,
+    /// Queue checked (or declared) at start.
     pub queue: Option<String>,
+    /// Key `queue` is bound with to a named exchange (with `declare`).
+    pub binding_key: String,
     pub declare: bool,
     pub confirm_timeout: std::time::Duration,
 }
@@ -34,6 +37,8 @@ struct Conn {
 pub struct Client {
     settings: Settings,
     conn: Reconnect<Conn>,
+    /// Returned (unroutable) messages, logged once per 10 s per key.
+    returned: RateLimited,
 }
 
 impl Client {
@@ -41,6 +46,7 @@ impl Client {
         Self {
             settings,
             conn: Reconnect::default(),
+            returned: RateLimited::new(std::time::Duration::from_secs(10)),
         }
     }
 
@@ -88,7 +94,7 @@ impl Client {
     pub async fn publish(&self, record: &OutgoingRecord) -> Result<(), AmqpError> {
         let s = &self.settings;
         let channel = self.channel().await?;
-        let routing_key = encode::routing_key(s.routing_key.as_deref(), s.channel_id_as, record);
+        let routing_key = s.routing.key(record.channel_id.as_deref()).to_string();
         let publish = async {
             channel
                 .basic_publish(
@@ -99,7 +105,7 @@ impl Client {
                         ..Default::default()
                     },
                     &record.body,
-                    encode::properties(s.channel_id_as, record),
+                    encode::properties(&s.routing, record),
                 )
                 .await?
                 .await
@@ -112,10 +118,23 @@ impl Client {
         };
         match result {
             Ok(Confirmation::Ack(None)) => Ok(()),
-            Ok(Confirmation::Ack(Some(_))) => Err(AmqpError::Unroutable {
-                exchange: s.exchange.clone(),
-                routing_key,
-            }),
+            Ok(Confirmation::Ack(Some(returned))) => {
+                // Never the body: the record id and where it was sent.
+                if let Some(suppressed) = self.returned.allow(&routing_key) {
+                    tracing::warn!(
+                        record_id = %record.id,
+                        exchange = %s.exchange,
+                        routing_key = %routing_key,
+                        reply = %returned.reply_text,
+                        suppressed,
+                        "AMQP broker returned the message: no queue is bound for its routing key"
+                    );
+                }
+                Err(AmqpError::Unroutable {
+                    exchange: s.exchange.clone(),
+                    routing_key,
+                })
+            }
             Ok(Confirmation::Nack(_)) => Err(AmqpError::Nacked),
             // confirm_select is on; if the broker did not confirm, we do not know.
             Ok(Confirmation::NotRequested) => Err(AmqpError::Nacked),
@@ -158,15 +177,11 @@ impl Client {
                 .await
                 .map_err(missing("queue", queue.clone()))?;
             if !passive && !s.exchange.is_empty() {
-                let key = s
-                    .routing_key
-                    .clone()
-                    .unwrap_or_else(|| s.resource_id.clone());
                 channel
                     .queue_bind(
                         queue.as_str().into(),
                         s.exchange.as_str().into(),
-                        key.as_str().into(),
+                        s.binding_key.as_str().into(),
                         QueueBindOptions::default(),
                         FieldTable::default(),
                     )
@@ -177,18 +192,72 @@ impl Client {
         Ok(())
     }
 
-    /// Declares (with `declare`) or passively checks the queue and exchange.
-    pub async fn check(&self) -> Result<(), AmqpError> {
+    /// Checks the exchange and queue (declares them when both the config's
+    /// `declare` and `check.declare` say so; a missing one that would be
+    /// declared at start passes). With the default exchange, also checks
+    /// that every routing key the configured routes produce names a queue:
+    /// a message no queue receives comes back as unroutable.
+    pub async fn check(&self, check: &Check<'_>) -> Result<(), AmqpError> {
+        let s = &self.settings;
         // A separate connection: a failed passive declare closes its channel.
-        let connection =
-            Connection::connect_uri(self.settings.uri.clone(), ConnectionProperties::default())
-                .await
-                .map_err(AmqpError::Connect)?;
-        let channel = connection
-            .create_channel()
+        let connection = Connection::connect_uri(s.uri.clone(), ConnectionProperties::default())
             .await
             .map_err(AmqpError::Connect)?;
-        let result = self.declare(&channel, !self.settings.declare).await;
+        let result = async {
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(AmqpError::Connect)?;
+            let declare = s.declare && check.declare;
+            match self.declare(&channel, !declare).await {
+                Err(AmqpError::Missing { .. }) if s.declare => return Ok(()),
+                other => other?,
+            }
+            if !s.exchange.is_empty() {
+                // Bindings cannot be listed over AMQP 0-9-1: a named
+                // exchange's routing is the operator's to check.
+                return Ok(());
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            let mut missing = Vec::new();
+            for route in check.routes {
+                let key = s.routing.key(route.channel_id.as_deref()).to_string();
+                if !seen.insert(key.clone()) || s.queue.as_deref() == Some(key.as_str()) {
+                    continue;
+                }
+                let channel = connection
+                    .create_channel()
+                    .await
+                    .map_err(AmqpError::Connect)?;
+                let options = QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                match channel
+                    .queue_declare(key.as_str().into(), options, FieldTable::default())
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(e) if super::reply_code(&e) == Some(404) => {
+                        let from = if route.channel_id.is_some() {
+                            format!("the channelId of {}", route.key)
+                        } else {
+                            format!("the resource id, for {}", route.key)
+                        };
+                        missing.push(format!("routing key `{key}` ({from})"));
+                    }
+                    Err(e) => return Err(AmqpError::Publish(e)),
+                }
+            }
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(AmqpError::NoQueueForKey {
+                    keys: missing.join(", "),
+                })
+            }
+        }
+        .await;
         let _ = connection.close(200, "check done".into()).await;
         result
     }

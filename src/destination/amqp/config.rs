@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::encode::Routing;
 use super::{AmqpDestination, client};
 
 /// Where the destination's channelId goes.
@@ -35,11 +36,13 @@ pub struct AmqpConfig {
     /// `channel_id_as = "routing_key"`), else the resource id.
     #[serde(default)]
     pub routing_key: Option<String>,
-    /// `routing_key` or `header`.
+    /// `routing_key` (the default) or `header`.
     #[serde(default)]
-    pub channel_id_as: ChannelIdAs,
-    /// Queue to check (or declare) at start. Default: `routing_key` or the
-    /// resource id when publishing to the default exchange.
+    pub channel_id_as: Option<ChannelIdAs>,
+    /// With the default exchange: the queue every record is published to
+    /// (its name is the routing key; the channelId goes in the
+    /// `channel-id` header). With a named exchange: the queue to check (or
+    /// declare and bind) at start.
     #[serde(default)]
     pub queue: Option<String>,
     /// Declare the queue (durable) and, with a named exchange, the exchange
@@ -72,6 +75,26 @@ impl AmqpConfig {
             }
             Ok(_) => {}
         }
+        if self.exchange.is_empty()
+            && let (Some(queue), Some(key)) = (&self.queue, &self.routing_key)
+            && queue != key
+        {
+            out.push((
+                "routing_key".into(),
+                format!(
+                    "with the default exchange the routing key is the queue name: `queue = \"{queue}\"` already publishes to that queue; remove routing_key"
+                ),
+            ));
+        }
+        if self.exchange.is_empty()
+            && self.queue.is_some()
+            && self.channel_id_as == Some(ChannelIdAs::RoutingKey)
+        {
+            out.push((
+                "channel_id_as".into(),
+                "with `queue` and the default exchange every record goes to that queue, so the channelId cannot be the routing key; remove channel_id_as (the channelId goes in the channel-id header)".into(),
+            ));
+        }
         if let Some(path) = &self.password_file
             && let Err(e) = std::fs::read_to_string(path)
         {
@@ -89,22 +112,42 @@ impl AmqpConfig {
         if let Some(path) = &self.password_file {
             uri.authority.userinfo.password = std::fs::read_to_string(path)?.trim().to_string();
         }
-        let queue = self.queue.clone().or_else(|| {
-            self.exchange
-                .is_empty()
-                .then(|| self.routing_key.clone().unwrap_or(id.to_string()))
-        });
         Ok(AmqpDestination {
             client: client::Client::new(client::Settings {
                 uri,
                 exchange: self.exchange.clone(),
-                routing_key: self.routing_key.clone(),
-                channel_id_as: self.channel_id_as,
-                resource_id: id.to_string(),
-                queue,
+                routing: self.routing(id),
+                queue: self.queue_to_check(id),
+                binding_key: self.routing_key.clone().unwrap_or_else(|| id.to_string()),
                 declare: self.declare,
                 confirm_timeout: self.confirm_timeout,
             }),
+        })
+    }
+}
+
+impl AmqpConfig {
+    /// How a record's routing key is chosen.
+    pub fn routing(&self, id: &str) -> Routing {
+        match (&self.queue, &self.routing_key, self.channel_id_as) {
+            (Some(queue), _, _) if self.exchange.is_empty() => Routing::Fixed(queue.clone()),
+            (_, Some(key), _) => Routing::Fixed(key.clone()),
+            (_, None, Some(ChannelIdAs::Header)) => Routing::Fixed(id.to_string()),
+            (_, None, _) => Routing::ChannelElse(id.to_string()),
+        }
+    }
+
+    /// The queue checked (or declared) at start: `queue`; with the default
+    /// exchange and a fixed routing key, the queue that key names.
+    fn queue_to_check(&self, id: &str) -> Option<String> {
+        self.queue.clone().or_else(|| {
+            if !self.exchange.is_empty() {
+                return None;
+            }
+            match self.routing(id) {
+                Routing::Fixed(k) => Some(k),
+                Routing::ChannelElse(_) => None,
+            }
         })
     }
 }
@@ -119,7 +162,7 @@ mod tests {
             password_file: None,
             exchange: String::new(),
             routing_key: None,
-            channel_id_as: ChannelIdAs::RoutingKey,
+            channel_id_as: None,
             queue: None,
             declare: false,
             confirm_timeout: default_confirm_timeout(),
@@ -142,5 +185,28 @@ mod tests {
         let mut c = cfg("amqp://127.0.0.1");
         c.password_file = Some("/nonexistent/pw".into());
         assert_eq!(c.validate()[0].0, "password_file");
+    }
+
+    #[test]
+    fn queue_names_the_routing_key_on_the_default_exchange() {
+        let mut c = cfg("amqp://127.0.0.1");
+        assert_eq!(c.routing("jobs"), Routing::ChannelElse("jobs".into()));
+        assert_eq!(c.queue_to_check("jobs"), None);
+        c.queue = Some("work".into());
+        assert_eq!(c.routing("jobs"), Routing::Fixed("work".into()));
+        assert_eq!(c.queue_to_check("jobs"), Some("work".into()));
+        c.routing_key = Some("other".into());
+        assert_eq!(c.validate()[0].0, "routing_key");
+        c.routing_key = None;
+        c.channel_id_as = Some(ChannelIdAs::RoutingKey);
+        assert_eq!(c.validate()[0].0, "channel_id_as");
+        // A named exchange: `queue` is what is bound, not the key.
+        let mut c = cfg("amqp://127.0.0.1");
+        c.exchange = "fn".into();
+        c.queue = Some("work".into());
+        assert_eq!(c.routing("jobs"), Routing::ChannelElse("jobs".into()));
+        assert!(c.validate().is_empty());
+        c.channel_id_as = Some(ChannelIdAs::Header);
+        assert_eq!(c.routing("jobs"), Routing::Fixed("jobs".into()));
     }
 }

@@ -3,26 +3,37 @@
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
-use super::ChannelIdAs;
 use crate::destination::OutgoingRecord;
 
-/// The routing key for a record.
-pub fn routing_key(
-    fixed: Option<&str>,
-    channel_id_as: ChannelIdAs,
-    record: &OutgoingRecord,
-) -> String {
-    if let Some(key) = fixed {
-        return key.to_string();
+/// How a record's routing key is chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Routing {
+    /// Always this key (`queue` on the default exchange, `routing_key`, or
+    /// the resource id with `channel_id_as = "header"`).
+    Fixed(String),
+    /// The destination's channelId, else this (the resource id).
+    ChannelElse(String),
+}
+
+impl Routing {
+    /// The routing key for a record with `channel_id`.
+    pub fn key<'a>(&'a self, channel_id: Option<&'a str>) -> &'a str {
+        match (self, channel_id) {
+            (Routing::Fixed(k), _) => k,
+            (Routing::ChannelElse(_), Some(channel)) => channel,
+            (Routing::ChannelElse(id), None) => id,
+        }
     }
-    match (channel_id_as, &record.channel_id) {
-        (ChannelIdAs::RoutingKey, Some(channel)) => channel.clone(),
-        _ => record.resource_id.clone(),
+
+    /// Whether the channelId travels in the routing key (else in the
+    /// `channel-id` header).
+    pub fn channel_in_key(&self) -> bool {
+        matches!(self, Routing::ChannelElse(_))
     }
 }
 
 /// Persistent JSON message, `message_id` = record id (consumers dedup on it).
-pub fn properties(channel_id_as: ChannelIdAs, record: &OutgoingRecord) -> BasicProperties {
+pub fn properties(routing: &Routing, record: &OutgoingRecord) -> BasicProperties {
     let mut headers = FieldTable::default();
     headers.insert(
         ShortString::from("function-id"),
@@ -32,7 +43,7 @@ pub fn properties(channel_id_as: ChannelIdAs, record: &OutgoingRecord) -> BasicP
         ShortString::from("destination-type"),
         AMQPValue::LongString(record.destination_type.as_str().into()),
     );
-    if let (ChannelIdAs::Header, Some(channel)) = (channel_id_as, &record.channel_id) {
+    if let (false, Some(channel)) = (routing.channel_in_key(), &record.channel_id) {
         headers.insert(
             ShortString::from("channel-id"),
             AMQPValue::LongString(channel.as_str().into()),
@@ -66,22 +77,31 @@ mod tests {
 
     #[test]
     fn routing_key_rules() {
-        use ChannelIdAs::*;
-        assert_eq!(routing_key(None, RoutingKey, &record(Some("ch"))), "ch");
-        assert_eq!(routing_key(None, RoutingKey, &record(None)), "failures");
-        assert_eq!(routing_key(None, Header, &record(Some("ch"))), "failures");
+        let by_channel = Routing::ChannelElse("failures".into());
         assert_eq!(
-            routing_key(Some("fixed"), RoutingKey, &record(Some("ch"))),
-            "fixed"
+            by_channel.key(record(Some("ch")).channel_id.as_deref()),
+            "ch"
         );
+        assert_eq!(by_channel.key(None), "failures");
+        let fixed = Routing::Fixed("fixed".into());
+        assert_eq!(fixed.key(Some("ch")), "fixed");
     }
 
     #[test]
     fn properties_carry_the_id_and_persistence() {
-        let p = properties(ChannelIdAs::Header, &record(Some("ch")));
+        let p = properties(&Routing::Fixed("q".into()), &record(Some("ch")));
         assert_eq!(p.message_id().as_ref().unwrap().as_str(), "01ID");
         assert_eq!(*p.delivery_mode(), Some(2));
         let headers = p.headers().as_ref().unwrap();
         assert!(headers.inner().contains_key("channel-id"));
+        let p = properties(&Routing::ChannelElse("q".into()), &record(Some("ch")));
+        assert!(
+            !p.headers()
+                .as_ref()
+                .unwrap()
+                .inner()
+                .contains_key("channel-id"),
+            "in the routing key, not repeated in a header"
+        );
     }
 }

@@ -12,7 +12,7 @@ pub use config::{AmqpConfig, ChannelIdAs};
 
 use async_trait::async_trait;
 
-use crate::destination::{Destination, OutgoingRecord};
+use crate::destination::{Check, Destination, OutgoingRecord};
 use crate::error::{DeliveryError, ErrorLabel};
 
 /// Why an AMQP attempt failed.
@@ -43,6 +43,16 @@ pub enum AmqpError {
     /// No confirm within `confirm_timeout`; the connection is rebuilt.
     #[error("no publisher confirm within confirm_timeout ({0:?}); reconnecting")]
     ConfirmTimeout(std::time::Duration),
+    /// With the default exchange, routing keys the configured routes
+    /// produce that name no queue: their records would come back
+    /// unroutable.
+    #[error(
+        "{keys} name(s) no queue on the broker, so their records would be returned as unroutable; to publish to one queue whatever the channelId, set `queue = \"<queue name>\"` (the channelId then goes in the channel-id header), or set `channel_id_as = \"header\"`, or publish through a named `exchange` bound to the queue"
+    )]
+    NoQueueForKey {
+        /// Each key with the configuration that produces it, as text.
+        keys: String,
+    },
     /// The queue or exchange checked at start is missing.
     #[error("{what} `{name}` does not exist on the broker (set declare = true to create it)")]
     Missing {
@@ -102,7 +112,9 @@ impl From<AmqpError> for DeliveryError {
             AmqpError::Unroutable { .. } => DeliveryError::permanent(ErrorLabel::NotFound, message),
             AmqpError::Nacked => DeliveryError::retry(ErrorLabel::ServerError, message),
             AmqpError::ConfirmTimeout(_) => DeliveryError::retry(ErrorLabel::Timeout, message),
-            AmqpError::Missing { .. } => DeliveryError::permanent(ErrorLabel::NotFound, message),
+            AmqpError::Missing { .. } | AmqpError::NoQueueForKey { .. } => {
+                DeliveryError::permanent(ErrorLabel::NotFound, message)
+            }
         }
     }
 }
@@ -122,8 +134,8 @@ impl Destination for AmqpDestination {
         self.client.publish(record).await.map_err(Into::into)
     }
 
-    async fn check(&self) -> Result<(), DeliveryError> {
-        self.client.check().await.map_err(Into::into)
+    async fn check(&self, check: &Check<'_>) -> Result<(), DeliveryError> {
+        self.client.check(check).await.map_err(Into::into)
     }
 }
 

@@ -50,18 +50,57 @@ impl Writer {
         Ok(Self { tx, path: display })
     }
 
-    /// Whether the path can be opened for appending now (the check at start
-    /// and in `check-config`); creates the directory and file like a write.
-    pub fn probe(path: &Path) -> Result<(), FileError> {
-        let mut open = OpenFile {
-            path: path.to_path_buf(),
-            file: None,
-            id: (0, 0),
-        };
-        open.reopen().map_err(|source| FileError::Io {
+    /// Whether the path can be appended to (the check at start and in
+    /// `check-config`). With `declare`, creates the directory and file like
+    /// a write; without, changes nothing: an existing file is opened for
+    /// appending (and closed), a missing one needs its nearest existing
+    /// ancestor to be a writable directory.
+    pub fn probe(path: &Path, declare: bool) -> Result<(), FileError> {
+        let io = |source| FileError::Io {
             path: path.display().to_string(),
             source,
-        })
+        };
+        if declare {
+            let mut open = OpenFile {
+                path: path.to_path_buf(),
+                file: None,
+                id: (0, 0),
+            };
+            return open.reopen().map_err(io);
+        }
+        if path.exists() {
+            return OpenOptions::new()
+                .append(true)
+                .open(path)
+                .map(drop)
+                .map_err(io);
+        }
+        let mut dir = path.parent();
+        while let Some(d) = dir {
+            let d = if d.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                d
+            };
+            match std::fs::metadata(d) {
+                Ok(m) if !m.is_dir() => {
+                    return Err(io(std::io::Error::new(
+                        std::io::ErrorKind::NotADirectory,
+                        format!("{} is not a directory", d.display()),
+                    )));
+                }
+                Ok(m) if m.permissions().readonly() => {
+                    return Err(io(std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        format!("{} is read-only", d.display()),
+                    )));
+                }
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => dir = d.parent(),
+                Err(e) => return Err(io(e)),
+            }
+        }
+        Ok(())
     }
 
     /// Appends `lines` (whole lines) and returns once they are on disk in
@@ -91,16 +130,14 @@ struct OpenFile {
 }
 
 impl OpenFile {
+    /// Opened at the first write (building a destination changes nothing
+    /// on disk; the check at start creates it).
     fn at(path: &Path) -> Self {
-        let mut open = Self {
+        Self {
             path: path.to_path_buf(),
             file: None,
             id: (0, 0),
-        };
-        if let Err(e) = open.reopen() {
-            tracing::warn!(path = %path.display(), error = %e, "file destination cannot be opened; its records wait until it can");
         }
-        open
     }
 
     /// (Re)opens the configured path, creating its directory and the file,

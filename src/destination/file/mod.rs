@@ -16,7 +16,7 @@ pub use config::FileConfig;
 
 use async_trait::async_trait;
 
-use crate::destination::{Destination, OutgoingRecord};
+use crate::destination::{Check, Destination, OutgoingRecord};
 use crate::error::{DeliveryError, ErrorLabel};
 
 /// Why a file write failed.
@@ -80,8 +80,8 @@ impl Destination for FileDestination {
             .map_err(Into::into)
     }
 
-    async fn check(&self) -> Result<(), DeliveryError> {
-        client::Writer::probe(&self.path).map_err(Into::into)
+    async fn check(&self, check: &Check<'_>) -> Result<(), DeliveryError> {
+        client::Writer::probe(&self.path, check.declare).map_err(Into::into)
     }
 
     async fn send_batch(&self, records: &[OutgoingRecord]) -> Vec<Result<(), DeliveryError>> {

@@ -13,7 +13,7 @@ pub use config::MqttConfig;
 
 use async_trait::async_trait;
 
-use crate::destination::{Destination, OutgoingRecord};
+use crate::destination::{Check, Destination, OutgoingRecord};
 use crate::error::{DeliveryError, ErrorLabel};
 
 /// Why an MQTT attempt failed.
@@ -78,7 +78,7 @@ impl Destination for MqttDestination {
         self.client.publish(record).await.map_err(Into::into)
     }
 
-    async fn check(&self) -> Result<(), DeliveryError> {
+    async fn check(&self, _: &Check<'_>) -> Result<(), DeliveryError> {
         self.client.check().await.map_err(Into::into)
     }
 }

@@ -84,7 +84,10 @@ impl Client {
         })
     }
 
-    pub async fn check(&self) -> Result<(), JetStreamError> {
+    /// Checks the stream exists and captures the subject; with
+    /// `create_stream`, creates it only when `declare` (a missing stream
+    /// that would be created passes).
+    pub async fn check(&self, declare: bool) -> Result<(), JetStreamError> {
         let Some(name) = &self.config.stream else {
             return Ok(());
         };
@@ -93,14 +96,25 @@ impl Client {
             stream: name.clone(),
             reason,
         };
-        if self.config.create_stream {
+        if self.config.create_stream && declare {
             return self.create_stream(&js).await;
         }
-        let mut s = js.get_stream(name).await.map_err(|e| {
-            err(format!(
-                "does not exist or cannot be read ({e}); set create_stream = true to create it"
-            ))
-        })?;
+        let mut s = match js.get_stream(name).await {
+            Ok(s) => s,
+            Err(e)
+                if self.config.create_stream
+                    && matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+                        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                // Missing: created at start (create_stream = true).
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(err(format!(
+                    "does not exist or cannot be read ({e}); set create_stream = true to create it"
+                )));
+            }
+        };
         let info = s.info().await.map_err(|e| err(e.to_string()))?;
         let captures = info
             .config

@@ -17,7 +17,7 @@ pub use config::{NatsConnection, NatsJetStreamConfig};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_trait::async_trait;
 
-use crate::destination::{Destination, OutgoingRecord};
+use crate::destination::{Check, Destination, OutgoingRecord};
 use crate::error::{DeliveryError, ErrorLabel};
 
 /// Why a JetStream attempt failed.
@@ -109,8 +109,8 @@ impl Destination for NatsJetStreamDestination {
         self.client.publish(record).await.map_err(Into::into)
     }
 
-    async fn check(&self) -> Result<(), DeliveryError> {
-        self.client.check().await.map_err(Into::into)
+    async fn check(&self, check: &Check<'_>) -> Result<(), DeliveryError> {
+        self.client.check(check.declare).await.map_err(Into::into)
     }
 }
 

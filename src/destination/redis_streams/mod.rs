@@ -12,7 +12,7 @@ pub use config::RedisStreamsConfig;
 
 use async_trait::async_trait;
 
-use crate::destination::{Destination, OutgoingRecord};
+use crate::destination::{Check, Destination, OutgoingRecord};
 use crate::error::{DeliveryError, ErrorLabel};
 
 /// Why a Redis attempt failed.
@@ -124,7 +124,7 @@ impl Destination for RedisStreamsDestination {
         }
     }
 
-    async fn check(&self) -> Result<(), DeliveryError> {
+    async fn check(&self, _: &Check<'_>) -> Result<(), DeliveryError> {
         self.client.check().await.map_err(Into::into)
     }
 }
