@@ -19,6 +19,7 @@ pub mod oci_queue;
 pub mod oci_streaming;
 pub mod reconnect;
 pub mod redis_streams;
+pub mod tls;
 pub mod webhook;
 
 use std::collections::HashMap;

@@ -16,13 +16,16 @@ struct State<C> {
     conn: Option<C>,
     failures: u32,
     next_try: Option<Instant>,
+    /// Why the last connect failed (its whole cause chain).
+    last_error: String,
 }
 
 /// Why no connection was handed out.
 #[derive(Debug)]
 pub enum ConnectFailure<E> {
-    /// The last connect failed moments ago; not retried yet.
-    Paused(Duration),
+    /// The last connect failed moments ago; not retried yet. Carries how
+    /// long until the next try and why the last one failed.
+    Paused(Duration, String),
     /// Connecting failed now.
     Failed(E),
 }
@@ -39,6 +42,7 @@ impl<C: Clone> Default for Reconnect<C> {
                 conn: None,
                 failures: 0,
                 next_try: None,
+                last_error: String::new(),
             }),
         }
     }
@@ -51,6 +55,7 @@ impl<C: Clone> Reconnect<C> {
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<C, E>>,
+        E: std::error::Error + 'static,
     {
         let mut state = self.state.lock().await;
         if let Some(conn) = &state.conn {
@@ -60,7 +65,7 @@ impl<C: Clone> Reconnect<C> {
         if let Some(next) = state.next_try
             && now < next
         {
-            return Err(ConnectFailure::Paused(next - now));
+            return Err(ConnectFailure::Paused(next - now, state.last_error.clone()));
         }
         match connect().await {
             Ok(conn) => {
@@ -75,6 +80,7 @@ impl<C: Clone> Reconnect<C> {
                     .min(MAX_PAUSE);
                 state.failures += 1;
                 state.next_try = Some(Instant::now() + pause);
+                state.last_error = crate::logging::Chain(&e).to_string();
                 Err(ConnectFailure::Failed(e))
             }
         }
@@ -93,21 +99,34 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failed_connects_pause_and_success_is_shared() {
         let r: Reconnect<u32> = Reconnect::default();
-        let got = r.get(|| async { Err::<u32, &str>("refused") }).await;
-        assert!(matches!(got, Err(ConnectFailure::Failed("refused"))));
-        let got = r.get(|| async { Ok::<u32, &str>(1) }).await;
-        assert!(
-            matches!(got, Err(ConnectFailure::Paused(_))),
-            "paused after a failure"
-        );
+        let refused = || std::io::Error::other("refused");
+        let got = r.get(|| async { Err::<u32, _>(refused()) }).await;
+        assert!(matches!(got, Err(ConnectFailure::Failed(_))));
+        let got = r.get(|| async { Ok::<u32, std::io::Error>(1) }).await;
+        match got {
+            Err(ConnectFailure::Paused(_, why)) => assert_eq!(why, "refused", "says why"),
+            _ => panic!("paused after a failure"),
+        }
         tokio::time::advance(FIRST_PAUSE).await;
-        assert_eq!(r.get(|| async { Ok::<u32, &str>(7) }).await.unwrap(), 7);
         assert_eq!(
-            r.get(|| async { Ok::<u32, &str>(8) }).await.unwrap(),
+            r.get(|| async { Ok::<u32, std::io::Error>(7) })
+                .await
+                .unwrap(),
+            7
+        );
+        assert_eq!(
+            r.get(|| async { Ok::<u32, std::io::Error>(8) })
+                .await
+                .unwrap(),
             7,
             "reused"
         );
         r.reset().await;
-        assert_eq!(r.get(|| async { Ok::<u32, &str>(9) }).await.unwrap(), 9);
+        assert_eq!(
+            r.get(|| async { Ok::<u32, std::io::Error>(9) })
+                .await
+                .unwrap(),
+            9
+        );
     }
 }

@@ -725,6 +725,8 @@ async fn sent(
     let mut any_ok = false;
     let mut send_failed = false;
     let mut unavailable: Option<Option<Duration>> = None;
+    // The last failure, for the log line when the breaker opens.
+    let mut last_error: Option<(ErrorLabel, String)> = None;
     let now = now_ms();
     for (record, result) in batch.into_iter().zip(results) {
         let attempt = record.attempts + 1;
@@ -740,48 +742,51 @@ async fn sent(
                     attempts: attempt,
                 }
             }
-            Err(e) => match e.scope() {
-                Scope::Destination { after } => {
-                    // Not the record's failure: no attempt used; the lane
-                    // waits for the breaker.
-                    unavailable = Some(unavailable.flatten().or(after));
-                    shared.metrics.attempt(
-                        key.kind,
-                        &key.resource_id,
-                        "unavailable",
-                        Some(e.label),
-                    );
-                    tracing::debug!(record_id = %record.id, error = %e.full_message(), "destination unavailable; the record waits");
-                    Outcome::Release {
-                        id: record.id.clone(),
-                        token: record.token,
-                        next_attempt_at_ms: now,
+            Err(e) => {
+                last_error = Some((e.label, e.full_message()));
+                match e.scope() {
+                    Scope::Destination { after } => {
+                        // Not the record's failure: no attempt used; the lane
+                        // waits for the breaker.
+                        unavailable = Some(unavailable.flatten().or(after));
+                        shared.metrics.attempt(
+                            key.kind,
+                            &key.resource_id,
+                            "unavailable",
+                            Some(e.label),
+                        );
+                        tracing::debug!(record_id = %record.id, error = %e.full_message(), "destination unavailable; the record waits");
+                        Outcome::Release {
+                            id: record.id.clone(),
+                            token: record.token,
+                            next_attempt_at_ms: now,
+                        }
                     }
-                }
-                Scope::Send { after } => {
-                    send_failed = true;
-                    // The attempt that uses the last one dead-letters the
-                    // record: `dead`, not `retry`.
-                    let last = attempt >= policy.max_attempts;
-                    shared.metrics.attempt(
-                        key.kind,
-                        &key.resource_id,
-                        if last { "dead" } else { "retry" },
-                        Some(e.label),
-                    );
-                    if last {
+                    Scope::Send { after } => {
+                        send_failed = true;
+                        // The attempt that uses the last one dead-letters the
+                        // record: `dead`, not `retry`.
+                        let last = attempt >= policy.max_attempts;
+                        shared.metrics.attempt(
+                            key.kind,
+                            &key.resource_id,
+                            if last { "dead" } else { "retry" },
+                            Some(e.label),
+                        );
+                        if last {
+                            dead(&record, attempt, e)
+                        } else {
+                            retry(&record, attempt, after, e, policy)
+                        }
+                    }
+                    Scope::Record => {
+                        shared
+                            .metrics
+                            .attempt(key.kind, &key.resource_id, "dead", Some(e.label));
                         dead(&record, attempt, e)
-                    } else {
-                        retry(&record, attempt, after, e, policy)
                     }
                 }
-                Scope::Record => {
-                    shared
-                        .metrics
-                        .attempt(key.kind, &key.resource_id, "dead", Some(e.label));
-                    dead(&record, attempt, e)
-                }
-            },
+            }
         };
         outcomes.push((record, outcome));
     }
@@ -804,7 +809,13 @@ async fn sent(
             .breaker_state(key.kind, &key.resource_id, after.code());
         match (before, after) {
             (_, breaker::State::Open) if before != after => {
-                tracing::warn!(destination = %key.resource_id, "circuit breaker opened: destination keeps failing; records wait in the journal")
+                let (label, error) = last_error.unwrap_or((ErrorLabel::Other, String::new()));
+                tracing::warn!(
+                    destination = %key.resource_id,
+                    error_message = label.as_str(),
+                    error = %error,
+                    "circuit breaker opened: destination keeps failing; records wait in the journal"
+                )
             }
             (_, breaker::State::Closed) if before != after => {
                 tracing::info!(destination = %key.resource_id, "circuit breaker closed: destination is back")

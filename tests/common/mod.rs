@@ -8,6 +8,7 @@ pub mod oci;
 pub mod pg;
 pub mod process;
 pub mod proxy;
+pub mod tls;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;

@@ -16,6 +16,8 @@ use crate::logging::RateLimited;
 /// What the client needs from the config.
 pub struct Settings {
     pub uri: lapin::uri::AMQPUri,
+    /// PEM of extra trusted certificate authorities (amqps://).
+    pub ca: Option<String>,
     pub exchange: String,
     pub routing: Routing,
     /// Queue checked (or declared) at start.
@@ -50,11 +52,25 @@ impl Client {
         }
     }
 
+    /// A new connection, trusting the configured CA.
+    async fn open(&self) -> Result<Connection, AmqpError> {
+        let runtime = lapin::runtime::default_runtime().map_err(AmqpError::Connect)?;
+        let tls = lapin::tcp::OwnedTLSConfig {
+            identity: None,
+            cert_chain: self.settings.ca.clone(),
+        };
+        Connection::connect_uri_with_config(
+            self.settings.uri.clone(),
+            ConnectionProperties::default(),
+            tls,
+            runtime,
+        )
+        .await
+        .map_err(AmqpError::Connect)
+    }
+
     async fn connect(&self) -> Result<Conn, AmqpError> {
-        let connection =
-            Connection::connect_uri(self.settings.uri.clone(), ConnectionProperties::default())
-                .await
-                .map_err(AmqpError::Connect)?;
+        let connection = self.open().await?;
         let channel = connection
             .create_channel()
             .await
@@ -200,9 +216,7 @@ impl Client {
     pub async fn check(&self, check: &Check<'_>) -> Result<(), AmqpError> {
         let s = &self.settings;
         // A separate connection: a failed passive declare closes its channel.
-        let connection = Connection::connect_uri(s.uri.clone(), ConnectionProperties::default())
-            .await
-            .map_err(AmqpError::Connect)?;
+        let connection = self.open().await?;
         let result = async {
             let channel = connection
                 .create_channel()
@@ -276,7 +290,7 @@ fn missing(what: &'static str, name: String) -> impl FnOnce(lapin::Error) -> Amq
 
 fn failure(e: ConnectFailure<AmqpError>) -> AmqpError {
     match e {
-        ConnectFailure::Paused(d) => AmqpError::Paused(d),
+        ConnectFailure::Paused(d, why) => AmqpError::Paused(d, why),
         ConnectFailure::Failed(e) => e,
     }
 }

@@ -50,6 +50,10 @@ pub struct AmqpConfig {
     /// queue or exchange fails `check-config`.
     #[serde(default)]
     pub declare: bool,
+    /// With `amqps://`: PEM file of certificate authorities trusted for the
+    /// broker, in addition to the system's (a private CA).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
     /// How long a publish waits for the broker's confirm. On expiry the
     /// connection is rebuilt (a channel with a lost confirm is not reused)
     /// and the record is retried.
@@ -95,6 +99,13 @@ impl AmqpConfig {
                 "with `queue` and the default exchange every record goes to that queue, so the channelId cannot be the routing key; remove channel_id_as (the channelId goes in the channel-id header)".into(),
             ));
         }
+        crate::destination::tls::validate_ca(self.tls_ca_file.as_deref(), &mut out);
+        if self.tls_ca_file.is_some() && !self.url.starts_with("amqps://") {
+            out.push((
+                "tls_ca_file".into(),
+                "is only used with an amqps:// URL".into(),
+            ));
+        }
         if let Some(path) = &self.password_file
             && let Err(e) = std::fs::read_to_string(path)
         {
@@ -112,9 +123,17 @@ impl AmqpConfig {
         if let Some(path) = &self.password_file {
             uri.authority.userinfo.password = std::fs::read_to_string(path)?.trim().to_string();
         }
+        let ca = match &self.tls_ca_file {
+            Some(path) => {
+                let pem = crate::destination::tls::read_ca(path).map_err(std::io::Error::other)?;
+                Some(String::from_utf8(pem).map_err(std::io::Error::other)?)
+            }
+            None => None,
+        };
         Ok(AmqpDestination {
             client: client::Client::new(client::Settings {
                 uri,
+                ca,
                 exchange: self.exchange.clone(),
                 routing: self.routing(id),
                 queue: self.queue_to_check(id),
@@ -165,6 +184,7 @@ mod tests {
             channel_id_as: None,
             queue: None,
             declare: false,
+            tls_ca_file: None,
             confirm_timeout: default_confirm_timeout(),
         }
     }

@@ -22,8 +22,8 @@ pub enum AmqpError {
     #[error("cannot connect to the AMQP broker")]
     Connect(#[source] lapin::Error),
     /// The last connect failed moments ago.
-    #[error("AMQP broker unreachable; reconnecting in {0:?}")]
-    Paused(std::time::Duration),
+    #[error("AMQP broker unreachable; reconnecting in {0:?}; the last connect failed: {1}")]
+    Paused(std::time::Duration, String),
     /// Publishing or waiting for the confirm failed.
     #[error("AMQP publish failed")]
     Publish(#[source] lapin::Error),
@@ -98,8 +98,10 @@ impl From<AmqpError> for DeliveryError {
                 };
                 d.with_source(e)
             }
-            AmqpError::Paused(after) => DeliveryError::retry(ErrorLabel::ConnectionFailed, message)
-                .with_retry_after(Some(*after)),
+            AmqpError::Paused(after, _) => {
+                DeliveryError::retry(ErrorLabel::ConnectionFailed, message)
+                    .with_retry_after(Some(*after))
+            }
             AmqpError::Publish(inner) => {
                 let (label, retry) = classify(inner);
                 let d = if retry {
@@ -168,7 +170,7 @@ mod tests {
             Scope::Send { after: None }
         );
         assert_eq!(
-            scope(AmqpError::Paused(Duration::from_secs(2))),
+            scope(AmqpError::Paused(Duration::from_secs(2), "refused".into())),
             Scope::Destination {
                 after: Some(Duration::from_secs(2))
             }

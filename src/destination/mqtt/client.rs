@@ -141,7 +141,7 @@ impl Client {
 
     async fn cached(&self) -> Result<Conn, MqttError> {
         self.conn.get(|| self.connect()).await.map_err(|e| match e {
-            ConnectFailure::Paused(d) => MqttError::Paused(d),
+            ConnectFailure::Paused(d, why) => MqttError::Paused(d, why),
             ConnectFailure::Failed(e) => e,
         })
     }

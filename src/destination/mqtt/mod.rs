@@ -26,8 +26,8 @@ pub enum MqttError {
     #[error("MQTT broker refused the connection: {0}")]
     Refused(String),
     /// The last connect failed moments ago.
-    #[error("MQTT broker unreachable; reconnecting in {0:?}")]
-    Paused(std::time::Duration),
+    #[error("MQTT broker unreachable; reconnecting in {0:?}; the last connect failed: {1}")]
+    Paused(std::time::Duration, String),
     /// The client refused the request (its queue is closed).
     #[error("MQTT client stopped")]
     ClientStopped,
@@ -54,8 +54,10 @@ impl From<MqttError> for DeliveryError {
                 DeliveryError::permanent(ErrorLabel::Unauthorized, message)
             }
             MqttError::Refused(_) => DeliveryError::retry(ErrorLabel::ConnectionFailed, message),
-            MqttError::Paused(after) => DeliveryError::retry(ErrorLabel::ConnectionFailed, message)
-                .with_retry_after(Some(*after)),
+            MqttError::Paused(after, _) => {
+                DeliveryError::retry(ErrorLabel::ConnectionFailed, message)
+                    .with_retry_after(Some(*after))
+            }
             MqttError::TooLarge { .. } => {
                 DeliveryError::permanent(ErrorLabel::PayloadTooLarge, message)
             }

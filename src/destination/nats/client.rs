@@ -91,7 +91,7 @@ impl Client {
         let mut own: Vec<Option<NatsError>> = records.iter().map(|_| None).collect();
         let conn = match self.conn.get(|| self.connect()).await {
             Ok(c) => c,
-            Err(ConnectFailure::Paused(d)) => return (own, Err(NatsError::Paused(d))),
+            Err(ConnectFailure::Paused(d, why)) => return (own, Err(NatsError::Paused(d, why))),
             Err(ConnectFailure::Failed(e)) => return (own, Err(e)),
         };
         let client = &conn.client;

@@ -24,8 +24,8 @@ pub enum NatsError {
     #[error("cannot connect to NATS")]
     Connect(#[source] async_nats::ConnectError),
     /// The last connect failed moments ago.
-    #[error("NATS unreachable; reconnecting in {0:?}")]
-    Paused(std::time::Duration),
+    #[error("NATS unreachable; reconnecting in {0:?}; the last connect failed: {1}")]
+    Paused(std::time::Duration, String),
     /// The message is over the server's max_payload.
     #[error("record of {size} bytes is over the server's max_payload of {max}")]
     TooLarge {
@@ -57,8 +57,10 @@ impl From<NatsError> for DeliveryError {
             NatsError::Connect(_) | NatsError::Publish(_) | NatsError::Flush(_) => {
                 DeliveryError::retry(ErrorLabel::ConnectionFailed, message).with_source(e)
             }
-            NatsError::Paused(after) => DeliveryError::retry(ErrorLabel::ConnectionFailed, message)
-                .with_retry_after(Some(*after)),
+            NatsError::Paused(after, _) => {
+                DeliveryError::retry(ErrorLabel::ConnectionFailed, message)
+                    .with_retry_after(Some(*after))
+            }
             NatsError::TooLarge { .. } => {
                 DeliveryError::permanent(ErrorLabel::PayloadTooLarge, message)
             }
@@ -113,7 +115,10 @@ mod tests {
         );
         assert_eq!(scope(NatsError::NotConfirmed), Scope::Send { after: None });
         assert!(matches!(
-            scope(NatsError::Paused(std::time::Duration::from_secs(1))),
+            scope(NatsError::Paused(
+                std::time::Duration::from_secs(1),
+                "refused".into()
+            )),
             Scope::Destination { after: Some(_) }
         ));
     }

@@ -40,7 +40,7 @@ impl Client {
             })
             .await
             .map_err(|e| match e {
-                ConnectFailure::Paused(d) => JetStreamError::Paused(d),
+                ConnectFailure::Paused(d, why) => JetStreamError::Paused(d, why),
                 ConnectFailure::Failed(e) => e,
             })
     }

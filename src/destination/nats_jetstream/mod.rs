@@ -27,8 +27,8 @@ pub enum JetStreamError {
     #[error("cannot connect to NATS")]
     Connect(#[source] async_nats::ConnectError),
     /// The last connect failed moments ago.
-    #[error("NATS unreachable; reconnecting in {0:?}")]
-    Paused(std::time::Duration),
+    #[error("NATS unreachable; reconnecting in {0:?}; the last connect failed: {1}")]
+    Paused(std::time::Duration, String),
     /// Publish or PubAck failed.
     #[error("JetStream publish failed")]
     Publish(#[source] async_nats::jetstream::context::PublishError),
@@ -52,7 +52,7 @@ impl From<JetStreamError> for DeliveryError {
             JetStreamError::Connect(_) => {
                 DeliveryError::retry(ErrorLabel::ConnectionFailed, message).with_source(e)
             }
-            JetStreamError::Paused(after) => {
+            JetStreamError::Paused(after, _) => {
                 DeliveryError::retry(ErrorLabel::ConnectionFailed, message)
                     .with_retry_after(Some(*after))
             }

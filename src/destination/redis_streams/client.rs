@@ -30,7 +30,7 @@ impl Client {
             .get(|| ConnectionManager::new_with_config(self.redis.clone(), settings))
             .await
             .map_err(|e| match e {
-                ConnectFailure::Paused(d) => RedisStreamsError::Paused(d),
+                ConnectFailure::Paused(d, why) => RedisStreamsError::Paused(d, why),
                 ConnectFailure::Failed(e) => RedisStreamsError::Connect(e),
             })
     }

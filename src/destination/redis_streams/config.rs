@@ -24,6 +24,10 @@ pub struct RedisStreamsConfig {
     /// Connect and response timeout.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// With `rediss://`: PEM file of the certificate authorities trusted
+    /// for the server, instead of the system's (a private CA).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 fn default_timeout() -> Duration {
@@ -56,6 +60,13 @@ impl RedisStreamsConfig {
                 format!("cannot read {}: {e}", path.display()),
             ));
         }
+        crate::destination::tls::validate_ca(self.tls_ca_file.as_deref(), &mut out);
+        if self.tls_ca_file.is_some() && !self.url.starts_with("rediss://") {
+            out.push((
+                "tls_ca_file".into(),
+                "is only used with a rediss:// URL".into(),
+            ));
+        }
         out
     }
 
@@ -68,7 +79,21 @@ impl RedisStreamsConfig {
             let settings = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(settings);
         }
-        let redis = redis::Client::open(info).map_err(std::io::Error::other)?;
+        let redis = match &self.tls_ca_file {
+            Some(path) => {
+                let root_cert =
+                    crate::destination::tls::read_ca(path).map_err(std::io::Error::other)?;
+                redis::Client::build_with_tls(
+                    info,
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root_cert),
+                    },
+                )
+            }
+            None => redis::Client::open(info),
+        }
+        .map_err(std::io::Error::other)?;
         Ok(RedisStreamsDestination {
             client: client::Client::new(redis, self.clone()),
         })

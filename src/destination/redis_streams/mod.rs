@@ -22,8 +22,8 @@ pub enum RedisStreamsError {
     #[error("cannot connect to Redis")]
     Connect(#[source] redis::RedisError),
     /// The last connect failed moments ago.
-    #[error("Redis unreachable; reconnecting in {0:?}")]
-    Paused(std::time::Duration),
+    #[error("Redis unreachable; reconnecting in {0:?}; the last connect failed: {1}")]
+    Paused(std::time::Duration, String),
     /// The command failed.
     #[error("XADD failed")]
     Command(#[source] redis::RedisError),
@@ -84,7 +84,7 @@ impl From<RedisStreamsError> for DeliveryError {
             }
             RedisStreamsError::WrongType { .. } => (ErrorLabel::Rejected, false),
             RedisStreamsError::Answers { .. } => (ErrorLabel::ServerError, true),
-            RedisStreamsError::Paused(after) => {
+            RedisStreamsError::Paused(after, _) => {
                 return DeliveryError::retry(ErrorLabel::ConnectionFailed, message)
                     .with_retry_after(Some(*after));
             }
@@ -145,7 +145,8 @@ mod tests {
             DeliveryError::from(wrong).scope(),
             Scope::Destination { after: None }
         );
-        let paused = RedisStreamsError::Paused(std::time::Duration::from_millis(300));
+        let paused =
+            RedisStreamsError::Paused(std::time::Duration::from_millis(300), "refused".into());
         assert_eq!(
             DeliveryError::from(paused).scope(),
             Scope::Destination {

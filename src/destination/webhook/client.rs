@@ -51,6 +51,7 @@ impl Client {
         secret: Option<Secret>,
         timeout: Duration,
         guard: Guard,
+        ca: Option<Vec<u8>>,
     ) -> reqwest::Result<Self> {
         let mut builder = reqwest::Client::builder()
             .timeout(timeout)
@@ -59,6 +60,11 @@ impl Client {
             .user_agent(concat!("fnrelay/", env!("CARGO_PKG_VERSION")));
         if !guard.allow_private {
             builder = builder.dns_resolver(Arc::new(Guarded(Arc::new(guard))));
+        }
+        if let Some(pem) = ca {
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)? {
+                builder = builder.add_root_certificate(cert);
+            }
         }
         Ok(Self {
             http: builder.build()?,

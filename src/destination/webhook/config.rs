@@ -33,6 +33,10 @@ pub struct WebhookConfig {
     /// as CIDRs (`10.20.0.0/16`, `fd00:1::/64`).
     #[serde(default)]
     pub allowed_networks: Vec<String>,
+    /// PEM file of certificate authorities trusted for this endpoint, in
+    /// addition to the system's (a private CA).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// An IP network in CIDR form.
@@ -194,6 +198,7 @@ impl WebhookConfig {
         if self.timeout.is_zero() {
             out.push(("timeout".into(), "must be greater than 0".into()));
         }
+        crate::destination::tls::validate_ca(self.tls_ca_file.as_deref(), &mut out);
         out
     }
 
@@ -204,7 +209,13 @@ impl WebhookConfig {
             None => None,
         };
         let url = Url::parse(&self.url).map_err(std::io::Error::other)?;
-        let client = client::Client::new(url, secret, self.timeout, self.guard())
+        let ca = match &self.tls_ca_file {
+            Some(path) => {
+                Some(crate::destination::tls::read_ca(path).map_err(std::io::Error::other)?)
+            }
+            None => None,
+        };
+        let client = client::Client::new(url, secret, self.timeout, self.guard(), ca)
             .map_err(std::io::Error::other)?;
         Ok(WebhookDestination { client })
     }
@@ -222,6 +233,7 @@ mod tests {
             allow_insecure_endpoint: insecure,
             allow_private_network: private,
             allowed_networks: Vec::new(),
+            tls_ca_file: None,
         }
         .validate()
         .into_iter()
@@ -255,6 +267,7 @@ mod tests {
             allow_insecure_endpoint: false,
             allow_private_network: false,
             allowed_networks: vec!["10.20.0.0/16".into(), "fd00:1::/64".into()],
+            tls_ca_file: None,
         };
         assert!(c.validate().is_empty());
         c.url = "https://10.21.0.1/hook".into();
