@@ -23,7 +23,8 @@ use time::OffsetDateTime;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::auth::{Caller, Denied};
+use crate::config::{Config, Scope};
 use crate::journal::{Journal, JournalError, NewRecord, Target, now_ms};
 use crate::logging::{Chain, RateLimited, clip};
 use crate::metrics::Metrics;
@@ -37,8 +38,8 @@ use crate::routing::{self, DestSpec};
 pub struct Settings {
     /// Validated configuration.
     pub config: Arc<Config>,
-    /// The bearer token, if one is configured.
-    pub token: Option<String>,
+    /// The bearer tokens and their scopes.
+    pub tokens: crate::auth::Tokens,
 }
 
 /// What handlers share.
@@ -73,13 +74,13 @@ impl AppState {
         metrics: Arc<Metrics>,
         wake: Arc<Notify>,
         shutdown: CancellationToken,
-        token: Option<String>,
+        tokens: crate::auth::Tokens,
     ) -> Self {
         let server = &config.server;
         Self {
             requests: Arc::new(Semaphore::new(server.max_requests_in_flight)),
             body_bytes: Arc::new(Semaphore::new(server.max_body_bytes_in_flight)),
-            settings: RwLock::new(Arc::new(Settings { config, token })),
+            settings: RwLock::new(Arc::new(Settings { config, tokens })),
             journal,
             metrics,
             wake,
@@ -103,7 +104,7 @@ impl AppState {
     /// A reload: requests that start from now on use `config` and `token`;
     /// the request and body budgets take the new sizes (permits in use are
     /// kept until their requests end).
-    pub fn reconfigure(&self, config: Arc<Config>, token: Option<String>) {
+    pub fn reconfigure(&self, config: Arc<Config>, tokens: crate::auth::Tokens) {
         let mut settings = self.settings.write().expect("settings lock");
         let (old, new) = (&settings.config.server, &config.server);
         crate::reload::resize(
@@ -116,7 +117,7 @@ impl AppState {
             old.max_body_bytes_in_flight,
             new.max_body_bytes_in_flight,
         );
-        *settings = Arc::new(Settings { config, token });
+        *settings = Arc::new(Settings { config, tokens });
     }
 
     /// Logs a per-request error at most once per 10 s per kind and error
@@ -144,6 +145,13 @@ pub enum ApiError {
     Unauthorized,
     /// 403: destinations the compartment may not use.
     Forbidden(Vec<FieldError>),
+    /// 403: a known token without the scope the endpoint needs.
+    MissingScope {
+        /// The token's name.
+        name: String,
+        /// The scope it lacks.
+        scope: Scope,
+    },
     /// 413: over `server.max_body_bytes`.
     PayloadTooLarge(usize),
     /// 415: not `application/json`.
@@ -188,6 +196,10 @@ impl IntoResponse for ApiError {
                 let fields = capped(fields);
                 json!({"error": "forbidden", "message": summary(&fields), "fields": fields})
             }),
+            ApiError::MissingScope { name, scope } => (
+                StatusCode::FORBIDDEN,
+                json!({"error": "forbidden", "message": format!("token `{name}` does not have the `{}` scope", scope.as_str())}),
+            ),
             ApiError::Conflict(fields) => (StatusCode::CONFLICT, {
                 let fields = capped(fields);
                 json!({"error": "conflict", "message": summary(&fields), "fields": fields})
@@ -366,14 +378,17 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let settings = state.settings();
-    let Some(expected) = &settings.token else {
-        return Ok(());
-    };
-    let given = bearer(headers).unwrap_or("");
-    aws_lc_rs::constant_time::verify_slices_are_equal(given.as_bytes(), expected.as_bytes())
-        .map_err(|_| ApiError::Unauthorized)
+/// The caller, if its bearer token may act in `scope`: 401 without a known
+/// token, 403 for a token without the scope.
+fn authorize(state: &AppState, headers: &HeaderMap, scope: Scope) -> Result<Caller, ApiError> {
+    state
+        .settings()
+        .tokens
+        .check(bearer(headers), scope)
+        .map_err(|denied| match denied {
+            Denied::Unauthenticated => ApiError::Unauthorized,
+            Denied::Scope { name, scope } => ApiError::MissingScope { name, scope },
+        })
 }
 
 fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -401,7 +416,7 @@ async fn ingest(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    authorize(&state, &headers)?;
+    authorize(&state, &headers, Scope::Ingest)?;
     if state.shutdown.is_cancelled() {
         return Err(ApiError::Unavailable("fnrelay is shutting down"));
     }
@@ -597,7 +612,7 @@ async fn list_dead(
     headers: HeaderMap,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    authorize(&state, &headers)?;
+    let _caller = authorize(&state, &headers, Scope::Admin)?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let dead = state.journal.list_dead(q.after, limit).await.map_err(|e| {
         state.log_error("cannot list dead letters", &e);
@@ -624,7 +639,7 @@ async fn reload(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
+    let caller = authorize(&state, &headers, Scope::Admin)?;
     if state.shutdown.is_cancelled() {
         return Err(ApiError::Unavailable("fnrelay is shutting down"));
     }
@@ -633,7 +648,7 @@ async fn reload(
     };
     let (reply, answer) = tokio::sync::oneshot::channel();
     let request = crate::reload::Request {
-        trigger: "api",
+        trigger: format!("POST /v1/admin/reload by {caller}"),
         reply: Some(reply),
     };
     if requests.send(request).await.is_err() {
@@ -666,7 +681,7 @@ async fn replay_dead(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    authorize(&state, &headers)?;
+    let caller = authorize(&state, &headers, Scope::Admin)?;
     let (body, _budget) =
         read_body(&state, &headers, body, state.config().server.max_body_bytes).await?;
     let req: ReplayRequest = serde_json::from_slice(&body)
@@ -690,12 +705,15 @@ async fn replay_dead(
             ApiError::Internal
         })?;
     state.metrics.replayed(n);
-    tracing::info!(records = n, "dead letters replayed on request");
+    tracing::info!(records = n, token = %caller, "dead letters replayed on request");
     state.wake.notify_one();
     Ok(Json(json!({"replayed": n})))
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&state, &headers, Scope::Metrics) {
+        return e.into_response();
+    }
     let config = state.config();
     let server = &config.server;
     state.metrics.http_in_flight(

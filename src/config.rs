@@ -69,6 +69,8 @@ pub struct ServerConfig {
     pub auth_token_file: Option<PathBuf>,
     /// The bearer token itself (prefer `FNRELAY__SERVER__AUTH_TOKEN` or the file).
     pub auth_token: Option<String>,
+    /// Named tokens, each with its scopes (SPEC section 12).
+    pub tokens: Vec<TokenConfig>,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
     /// Most events in one `{"completions": [...]}` batch.
@@ -115,6 +117,7 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8080".into(),
             auth_token_file: None,
             auth_token: None,
+            tokens: Vec::new(),
             max_body_bytes: 1_048_576,
             max_batch_size: 1000,
             max_id_bytes: 255,
@@ -126,6 +129,44 @@ impl Default for ServerConfig {
             max_connections: 4096,
             max_requests_in_flight: 1024,
             max_body_bytes_in_flight: 32 * 1024 * 1024,
+        }
+    }
+}
+
+/// One `[[server.tokens]]` entry: a named bearer token and what it may do.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Shown in logs (never the token).
+    pub name: String,
+    /// File holding the token.
+    pub file: PathBuf,
+    /// What it may do.
+    pub scopes: Vec<Scope>,
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// `POST /v1/completions`, `POST /v1/invocations`.
+    Ingest,
+    /// Dead letters, records, reload.
+    Admin,
+    /// `/v1/functions/{id}/destinations`.
+    Destinations,
+    /// `GET /metrics`.
+    Metrics,
+}
+
+impl Scope {
+    /// As written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Ingest => "ingest",
+            Scope::Admin => "admin",
+            Scope::Destinations => "destinations",
+            Scope::Metrics => "metrics",
         }
     }
 }
@@ -904,6 +945,45 @@ impl Config {
         }
         if matches!(&self.server.auth_token, Some(t) if t.trim().is_empty()) {
             bad("server.auth_token", "must not be empty".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        let mut values = std::collections::BTreeMap::new();
+        for (i, token) in self.server.tokens.iter().enumerate() {
+            let key = format!("server.tokens[{i}]");
+            if token.name.trim().is_empty() {
+                bad(&format!("{key}.name"), "must not be empty".into());
+            } else if !names.insert(token.name.clone()) {
+                bad(
+                    &format!("{key}.name"),
+                    format!("`{}` names two tokens", token.name),
+                );
+            }
+            if token.scopes.is_empty() {
+                bad(
+                    &format!("{key}.scopes"),
+                    "give at least one of ingest, admin, destinations, metrics".into(),
+                );
+            }
+            match std::fs::read_to_string(&token.file) {
+                Ok(t) if t.trim().is_empty() => bad(
+                    &format!("{key}.file"),
+                    format!("{} is empty", token.file.display()),
+                ),
+                Ok(t) => {
+                    if let Some(other) = values.insert(t.trim().to_string(), token.name.clone()) {
+                        bad(
+                            &format!("{key}.file"),
+                            format!(
+                                "holds the same token as `{other}`: each token must be its own"
+                            ),
+                        );
+                    }
+                }
+                Err(e) => bad(
+                    &format!("{key}.file"),
+                    format!("cannot read {}: {e}", token.file.display()),
+                ),
+            }
         }
         for (key, value) in [
             ("server.max_body_bytes", self.server.max_body_bytes),

@@ -10,6 +10,7 @@
 //! - [`api`]: HTTP ingest, admin, metrics and health endpoints. Never calls
 //!   a destination; answers 202 only after the journal commit. Holds the
 //!   request budgets (requests and body bytes in flight, body deadline).
+//! - [`auth`]: bearer tokens and their scopes.
 //! - [`server`]: the HTTP/1.1 connections under the API: connection cap,
 //!   header and idle timeouts, a shutdown bounded by `shutdown_timeout`.
 //! - [`record`]: event validation and the invocation record v1.0. Pure.
@@ -40,6 +41,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod destination;
 pub mod dispatch;
@@ -125,7 +127,7 @@ pub async fn run_with(
         reload::on_hangup(reload_tx.clone(), shutdown.clone()).map_err(RunError::Serve)?;
     }
     config.validate()?;
-    let token = reload::read_token(&config).map_err(RunError::Token)?;
+    let tokens = auth::Tokens::load(&config).map_err(RunError::Token)?;
     let wake = Arc::new(Notify::new());
     let journal: Arc<dyn Journal> = match config.journal.backend {
         JournalBackend::Sqlite => Arc::new(SqliteJournal::open(
@@ -164,7 +166,7 @@ pub async fn run_with(
         metrics.clone(),
         wake,
         shutdown.clone(),
-        token,
+        tokens,
     );
     state.reload = Some(reload_tx);
     let state = Arc::new(state);

@@ -56,8 +56,8 @@ pub struct Refused {
 
 /// One reload request, with where to send its result (none for SIGHUP).
 pub struct Request {
-    /// What asked: `SIGHUP` or `api`.
-    pub trigger: &'static str,
+    /// What asked: `SIGHUP`, or the API call and its token's name.
+    pub trigger: String,
     /// Where the result goes.
     pub reply: Option<oneshot::Sender<Result<Applied, Refused>>>,
 }
@@ -129,7 +129,7 @@ impl Reloader {
         if !restart.is_empty() {
             return Err(refuse(restart));
         }
-        let token = read_token(&config).map_err(|e| refuse(vec![e]))?;
+        let tokens = crate::auth::Tokens::load(&config).map_err(|e| refuse(vec![e]))?;
         let registry = Registry::build(&config).map_err(|e| refuse(vec![e.to_string()]))?;
 
         let names = |c: &Config| -> std::collections::BTreeSet<String> {
@@ -146,7 +146,7 @@ impl Reloader {
             removed: before.difference(&after).cloned().collect(),
         };
         let config = Arc::new(config);
-        self.api.reconfigure(config.clone(), token);
+        self.api.reconfigure(config.clone(), tokens);
         let policy = config::DeliveryConfig {
             lease: config.lease(),
             ..config.delivery.clone()
@@ -174,7 +174,7 @@ pub async fn serve(
                 None => return,
             },
         };
-        let result = reloader.reload(request.trigger).await;
+        let result = reloader.reload(&request.trigger).await;
         if let Some(reply) = request.reply {
             let _ = reply.send(result);
         }
@@ -196,7 +196,7 @@ pub fn on_hangup(requests: mpsc::Sender<Request>, stop: CancellationToken) -> st
             tracing::info!("SIGHUP received: reloading the configuration");
             if requests
                 .send(Request {
-                    trigger: "SIGHUP",
+                    trigger: "SIGHUP".into(),
                     reply: None,
                 })
                 .await
@@ -220,23 +220,6 @@ fn reasons(e: ConfigError) -> Vec<String> {
     match e {
         ConfigError::Invalid(issues) => issues.iter().map(ToString::to_string).collect(),
         other => vec![crate::logging::Chain(&other).to_string()],
-    }
-}
-
-/// The bearer token: `server.auth_token_file`'s content, else
-/// `server.auth_token`, trimmed.
-pub fn read_token(config: &Config) -> Result<Option<String>, String> {
-    match (&config.server.auth_token_file, &config.server.auth_token) {
-        (Some(path), _) => std::fs::read_to_string(path)
-            .map(|t| Some(t.trim().to_string()))
-            .map_err(|e| {
-                format!(
-                    "server.auth_token_file: cannot read {}: {e}",
-                    path.display()
-                )
-            }),
-        (None, Some(t)) => Ok(Some(t.trim().to_string())),
-        (None, None) => Ok(None),
     }
 }
 
