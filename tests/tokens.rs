@@ -29,6 +29,10 @@ const ENDPOINTS: &[(&str, &str, &str, Option<&str>)] = &[
     ("GET", "/readyz", "", None),
 ];
 
+/// A caller: its name, its secret (if it sends one) and its scopes (`None`:
+/// every scope).
+type Caller = (String, Option<String>, Option<Vec<&'static str>>);
+
 #[tokio::test]
 async fn each_token_reaches_exactly_the_endpoints_of_its_scopes() {
     let dir = tempfile::tempdir().unwrap();
@@ -59,7 +63,7 @@ success = { kind = "STREAM", streamId = "results" }
         ));
     }
     let d = start_in(&toml, dir).await;
-    let mut callers: Vec<(String, Option<String>, Option<Vec<&str>>)> = TOKENS
+    let mut callers: Vec<Caller> = TOKENS
         .iter()
         .map(|(name, scopes)| {
             (
