@@ -160,6 +160,8 @@ pub enum ApiError {
     BodyTimeout(std::time::Duration),
     /// 409: a known fnCallId re-posted with other content.
     Conflict(Vec<FieldError>),
+    /// 404: no such record (or resource).
+    NotFound(String),
     /// 503 with Retry-After: 5 (journal over its high-water mark or
     /// failing, shutting down).
     Unavailable(&'static str),
@@ -199,6 +201,10 @@ impl IntoResponse for ApiError {
             ApiError::MissingScope { name, scope } => (
                 StatusCode::FORBIDDEN,
                 json!({"error": "forbidden", "message": format!("token `{name}` does not have the `{}` scope", scope.as_str())}),
+            ),
+            ApiError::NotFound(message) => (
+                StatusCode::NOT_FOUND,
+                json!({"error": "not_found", "message": message}),
             ),
             ApiError::Conflict(fields) => (StatusCode::CONFLICT, {
                 let fields = capped(fields);
@@ -276,6 +282,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/dead-letters", get(list_dead))
         .route("/v1/dead-letters/replay", post(replay_dead))
         .route("/v1/admin/reload", post(reload))
+        .route("/v1/records", get(find_record))
+        .route("/v1/records/{id}", get(record_by_id))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
@@ -631,6 +639,101 @@ struct ReplayRequest {
     ids: Option<Vec<String>>,
     #[serde(default)]
     all: bool,
+}
+
+/// `GET /v1/records/{id}`: where a record is and why (admin).
+async fn record_by_id(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&state, &headers, Scope::Admin)?;
+    lookup(&state, crate::journal::Lookup::Id(id)).await
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FindRecord {
+    fn_call_id: Option<String>,
+}
+
+/// `GET /v1/records?fnCallId=...` (admin).
+async fn find_record(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<FindRecord>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&state, &headers, Scope::Admin)?;
+    let Some(call) = q.fn_call_id.filter(|c| !c.is_empty()) else {
+        return Err(ApiError::BadRequest(vec![FieldError::new(
+            "fnCallId",
+            "give ?fnCallId=... (or GET /v1/records/{id})",
+        )]));
+    };
+    lookup(&state, crate::journal::Lookup::FnCallId(call)).await
+}
+
+async fn lookup(
+    state: &AppState,
+    by: crate::journal::Lookup,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let what = match &by {
+        crate::journal::Lookup::Id(id) => format!("id `{}`", clip(id)),
+        crate::journal::Lookup::FnCallId(c) => format!("fnCallId `{}`", clip(c)),
+    };
+    let view = state.journal.lookup(by).await.map_err(|e| {
+        state.log_error("cannot look up a record", &e);
+        ApiError::Internal
+    })?;
+    let Some(v) = view else {
+        return Err(ApiError::NotFound(format!(
+            "no record with {what} (never accepted, or pruned after journal.delivered_retention)"
+        )));
+    };
+    Ok(Json(record_json(&v)))
+}
+
+/// The lookup answer (docs/delivery.md, "Finding a record").
+fn record_json(v: &crate::journal::RecordView) -> serde_json::Value {
+    use crate::journal::ms_to_rfc3339;
+    let destination = match &v.target {
+        Some(t) => json!({
+            "type": v.destination_type,
+            "kind": t.kind.as_str(),
+            "resourceId": t.resource_id,
+            "channelId": t.channel_id,
+        }),
+        None => json!({"type": v.destination_type, "kind": "NONE"}),
+    };
+    let attempts: Vec<serde_json::Value> = v
+        .recent
+        .iter()
+        .map(|a| {
+            json!({
+                "at": ms_to_rfc3339(a.at_ms),
+                "outcome": a.outcome,
+                "errorMessage": a.error_message,
+                "error": a.error,
+                "durationMs": a.duration_ms,
+            })
+        })
+        .collect();
+    json!({
+        "id": v.id,
+        "fnCallId": v.fn_call_id,
+        "functionId": v.function_id,
+        "state": v.state,
+        "destination": destination,
+        "attempts": v.attempts,
+        "nextAttemptAt": v.next_attempt_at_ms.map(ms_to_rfc3339),
+        "acceptedAt": ms_to_rfc3339(v.accepted_at_ms),
+        "finishedAt": v.finished_at_ms.map(ms_to_rfc3339),
+        "lastError": v.last_error.as_ref().map(|text| json!({
+            "errorMessage": v.error_label,
+            "text": text,
+        })),
+        "recentAttempts": attempts,
+    })
 }
 
 /// `POST /v1/admin/reload`: 200 with what changed, or 422 with every

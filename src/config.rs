@@ -203,6 +203,9 @@ pub struct JournalConfig {
     pub max_pending: u64,
     /// Most records written in one group-commit transaction.
     pub max_group_commit: usize,
+    /// Delivery attempts kept per record for `GET /v1/records` (the most
+    /// recent; at most 100).
+    pub attempts_kept: usize,
 }
 
 impl Default for JournalConfig {
@@ -218,6 +221,7 @@ impl Default for JournalConfig {
             delivered_retention: Duration::from_secs(24 * 3600),
             max_pending: 1_000_000,
             max_group_commit: 4096,
+            attempts_kept: 10,
         }
     }
 }
@@ -299,6 +303,7 @@ impl Config {
             "journal.max_group_commit",
             j.max_group_commit != k.max_group_commit,
         );
+        differ("journal.attempts_kept", j.attempts_kept != k.attempts_kept);
         differ(
             "journal.delivered_retention",
             j.delivered_retention != k.delivered_retention,
@@ -945,6 +950,15 @@ impl Config {
         }
         if matches!(&self.server.auth_token, Some(t) if t.trim().is_empty()) {
             bad("server.auth_token", "must not be empty".into());
+        }
+        if !(1..=crate::journal::MAX_ATTEMPTS_KEPT).contains(&self.journal.attempts_kept) {
+            bad(
+                "journal.attempts_kept",
+                format!(
+                    "must be between 1 and {}",
+                    crate::journal::MAX_ATTEMPTS_KEPT
+                ),
+            );
         }
         let mut names = std::collections::BTreeSet::new();
         let mut values = std::collections::BTreeMap::new();

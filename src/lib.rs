@@ -130,11 +130,16 @@ pub async fn run_with(
     let tokens = auth::Tokens::load(&config).map_err(RunError::Token)?;
     let wake = Arc::new(Notify::new());
     let journal: Arc<dyn Journal> = match config.journal.backend {
-        JournalBackend::Sqlite => Arc::new(SqliteJournal::open(
-            &config.journal.path,
-            config.journal.max_group_commit,
-        )?),
-        JournalBackend::Postgres => Arc::new(PgJournal::open(&config.journal, wake.clone()).await?),
+        JournalBackend::Sqlite => {
+            let j = SqliteJournal::open(&config.journal.path, config.journal.max_group_commit)?;
+            j.set_attempts_kept(config.journal.attempts_kept);
+            Arc::new(j)
+        }
+        JournalBackend::Postgres => {
+            let j = PgJournal::open(&config.journal, wake.clone()).await?;
+            j.set_attempts_kept(config.journal.attempts_kept);
+            Arc::new(j)
+        }
     };
     let registry = destination::Registry::build(&config)?;
     reload::check_in_background(registry.clone());

@@ -46,6 +46,22 @@ enum Command {
     /// Create or migrate the PostgreSQL journal's schema and exit (replicas
     /// also do it at start, under an advisory lock).
     Migrate,
+    /// Look up a record through a running daemon's admin API.
+    Records {
+        /// Base URL of the daemon.
+        #[arg(
+            long,
+            default_value = "http://127.0.0.1:8080",
+            env = "FNRELAY_URL",
+            global = true
+        )]
+        url: String,
+        /// File holding a bearer token with the admin scope, if needed.
+        #[arg(long, env = "FNRELAY_TOKEN_FILE", global = true)]
+        token_file: Option<PathBuf>,
+        #[command(subcommand)]
+        action: RecordsAction,
+    },
     /// List or replay dead letters through a running daemon's admin API.
     DeadLetters {
         /// Base URL of the daemon.
@@ -56,6 +72,20 @@ enum Command {
         token_file: Option<PathBuf>,
         #[command(subcommand)]
         action: DeadAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum RecordsAction {
+    /// Print one record: state, destination, attempts, last error and its
+    /// recent attempts (as JSON).
+    Show {
+        /// The record id.
+        #[arg(required_unless_present = "fn_call_id")]
+        id: Option<String>,
+        /// Look up by the platform's call id instead.
+        #[arg(long, conflicts_with = "id")]
+        fn_call_id: Option<String>,
     },
 }
 
@@ -137,6 +167,17 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Records {
+            url,
+            token_file,
+            action: RecordsAction::Show { id, fn_call_id },
+        } => match show_record(&url, token_file.as_ref(), id, fn_call_id) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fnrelay: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::DeadLetters {
             url,
             token_file,
@@ -260,6 +301,56 @@ fn serve(loaded: config::Loaded, origin: fnrelay::reload::Origin) -> anyhow::Res
         let shutdown = CancellationToken::new();
         fnrelay::shutdown::on_signal(shutdown.clone());
         fnrelay::run_with(config, hash, origin, listener, shutdown).await?;
+        Ok(())
+    })
+}
+
+/// `fnrelay records show`: GET /v1/records/{id} or ?fnCallId=, printed as
+/// indented JSON.
+fn show_record(
+    url: &str,
+    token_file: Option<&PathBuf>,
+    id: Option<String>,
+    fn_call_id: Option<String>,
+) -> anyhow::Result<()> {
+    let token = match token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let address = match (id, fn_call_id) {
+        (Some(id), _) => {
+            let mut u = url::Url::parse(url).with_context(|| format!("bad --url {url}"))?;
+            u.path_segments_mut()
+                .map_err(|_| anyhow::anyhow!("bad --url {url}"))?
+                .extend(["v1", "records", &id]);
+            u
+        }
+        (None, Some(call)) => {
+            url::Url::parse_with_params(&format!("{url}/v1/records"), [("fnCallId", call)])
+                .with_context(|| format!("bad --url {url}"))?
+        }
+        (None, None) => bail!("give a record id or --fn-call-id"),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let mut request = reqwest::Client::new().get(address);
+        if let Some(t) = &token {
+            request = request.bearer_auth(t.trim());
+        }
+        let resp = request.send().await.context("cannot reach the daemon")?;
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        if !status.is_success() {
+            bail!(
+                "daemon answered {status}: {}",
+                body["message"].as_str().unwrap_or_default()
+            );
+        }
+        println!("{}", serde_json::to_string_pretty(&body)?);
         Ok(())
     })
 }

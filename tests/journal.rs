@@ -10,8 +10,8 @@ use std::time::Duration;
 use common::pg::TestDb;
 use fnrelay::error::ErrorLabel;
 use fnrelay::journal::{
-    Appended, Conflict, Journal, JournalError, Lane, NewRecord, Outcome, PgJournal, SqliteJournal,
-    Target,
+    Appended, AttemptNote, Conflict, Journal, JournalError, Lane, Lookup, NewRecord, Outcome,
+    PgJournal, SqliteJournal, Target, now_ms,
 };
 use fnrelay::record::{DestKind, DestinationType};
 use tokio::sync::Notify;
@@ -201,6 +201,119 @@ async fn leases_and_fencing(j: &dyn Journal) {
     );
 }
 
+fn note(outcome: &str, label: Option<&str>, at_ms: i64) -> AttemptNote {
+    AttemptNote {
+        at_ms,
+        outcome: outcome.into(),
+        error_message: label.map(str::to_string),
+        error: label.map(|l| format!("{l}: the text")),
+        duration_ms: 7,
+    }
+}
+
+fn json(n: &AttemptNote) -> Option<String> {
+    Some(serde_json::to_string(n).unwrap())
+}
+
+async fn lookups_show_state_destination_and_recent_attempts(j: &dyn Journal) {
+    let mut skipped = record("S", "c3", 1_000, 1);
+    skipped.target = None;
+    j.append(vec![
+        record("A", "c1", 1_000, 1),
+        record("B", "c2", 1_000, 1),
+        skipped,
+    ])
+    .await
+    .unwrap();
+    let claimed = j.claim(&lane(), 1_000, 10, LEASE).await.unwrap();
+    let (a, b) = (&claimed[0], &claimed[1]);
+    let (retry, dead) = (
+        note("retry", Some("server_error"), 2_000),
+        note("dead", Some("rejected"), 2_000),
+    );
+    j.complete_noted(
+        vec![
+            Outcome::Retry {
+                id: a.id.clone(),
+                token: a.token,
+                attempts: 1,
+                next_attempt_at_ms: 50_000,
+                error: "HTTP 503".into(),
+            },
+            Outcome::Dead {
+                id: b.id.clone(),
+                token: b.token,
+                attempts: 1,
+                error: "HTTP 400: bad".into(),
+                label: ErrorLabel::Rejected,
+            },
+        ],
+        vec![json(&retry), json(&dead)],
+    )
+    .await
+    .unwrap();
+    let b = j.lookup(Lookup::Id("B".into())).await.unwrap().unwrap();
+    assert_eq!((b.state.as_str(), b.attempts), ("dead", 1));
+    assert_eq!(b.error_label.as_deref(), Some("rejected"));
+    assert_eq!(b.last_error.as_deref(), Some("HTTP 400: bad"));
+    assert_eq!(b.recent, std::slice::from_ref(&dead));
+    assert_eq!(b.fn_call_id, "c2");
+    assert!(b.finished_at_ms.is_some());
+
+    let a = j
+        .lookup(Lookup::FnCallId("c1".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((a.id.as_str(), a.state.as_str()), ("A", "pending"));
+    assert_eq!(a.next_attempt_at_ms, Some(50_000));
+    assert_eq!(a.recent, std::slice::from_ref(&retry));
+    assert_eq!(
+        a.target,
+        Some(Target {
+            kind: DestKind::Queue,
+            resource_id: "q".into(),
+            channel_id: Some("c".into()),
+        })
+    );
+    assert_eq!(a.destination_type.as_deref(), Some("Failure"));
+
+    // Claimed now (the real clock): in flight until its lease ends.
+    let now = now_ms();
+    let again = j.claim(&lane(), now, 10, LEASE).await.unwrap();
+    assert_eq!(again.len(), 1);
+    let a = j.lookup(Lookup::Id("A".into())).await.unwrap().unwrap();
+    assert_eq!(a.state, "inflight");
+    let success = note("success", None, now);
+    j.complete_noted(
+        vec![Outcome::Delivered {
+            id: "A".into(),
+            token: again[0].token,
+            attempts: 2,
+        }],
+        vec![json(&success)],
+    )
+    .await
+    .unwrap();
+    let a = j.lookup(Lookup::Id("A".into())).await.unwrap().unwrap();
+    assert_eq!((a.state.as_str(), a.attempts), ("delivered", 2));
+    assert_eq!(a.recent, [retry, success], "oldest first");
+    assert_eq!(a.function_id, "f");
+    assert_eq!(a.target.unwrap().resource_id, "q");
+    assert!(a.finished_at_ms.is_some());
+    assert_eq!(a.next_attempt_at_ms, None);
+
+    let s = j.lookup(Lookup::Id("S".into())).await.unwrap().unwrap();
+    assert_eq!((s.state.as_str(), s.target), ("skipped", None));
+    assert!(j.lookup(Lookup::Id("nope".into())).await.unwrap().is_none());
+    assert!(
+        j.lookup(Lookup::FnCallId("nope".into()))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
 async fn retries_dead_letters_and_replay(j: &dyn Journal) {
     j.append(vec![
         record("A", "c1", 1_000, 1),
@@ -306,6 +419,7 @@ async fn expired_records_are_claimed_due_or_not(j: &dyn Journal) {
     );
 }
 
+both!(lookups, lookups_show_state_destination_and_recent_attempts);
 both!(idempotency_and_conflicts_on_both, idempotency_and_conflicts);
 both!(leases_and_fencing_on_both, leases_and_fencing);
 both!(
@@ -373,7 +487,7 @@ async fn a_schema_newer_than_this_build_is_refused() {
     let db = TestDb::create().await;
     fnrelay::journal::migrate(&db.journal()).await.unwrap();
     // Migrating twice is a no-op.
-    assert_eq!(fnrelay::journal::migrate(&db.journal()).await.unwrap(), 1);
+    assert_eq!(fnrelay::journal::migrate(&db.journal()).await.unwrap(), 2);
     db.client()
         .await
         .execute("INSERT INTO fnrelay_schema (version) VALUES (99)", &[])

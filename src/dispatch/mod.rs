@@ -250,7 +250,22 @@ async fn adopt_orphans(
 struct Done {
     lane: Arc<LaneState>,
     /// Each record (body dropped) with its outcome.
-    outcomes: Vec<(Claimed, Outcome)>,
+    outcomes: Vec<Settled>,
+}
+
+/// A record's outcome and the note of its attempt (JSON), for lookups.
+type Settled = (Claimed, Outcome, Option<String>);
+
+/// The note of one attempt (a [`crate::journal::AttemptNote`] as JSON).
+fn note(outcome: &str, error: Option<&DeliveryError>, duration: Duration) -> Option<String> {
+    serde_json::to_string(&crate::journal::AttemptNote {
+        at_ms: now_ms(),
+        outcome: outcome.to_string(),
+        error_message: error.map(|e| e.label.as_str().to_string()),
+        error: error.map(DeliveryError::full_message),
+        duration_ms: duration.as_millis() as i64,
+    })
+    .ok()
 }
 
 /// Starts the lanes, the completer and the pruner on `tracker`. They stop
@@ -511,8 +526,9 @@ async fn expire_waiting(lane: &Arc<LaneState>, shared: &Arc<Shared>, policy: &De
                 .into_iter()
                 .map(|r| {
                     let e = expired_error(max_age, r.attempts);
+                    let n = note("dead", Some(&e), Duration::ZERO);
                     let o = dead(&r, r.attempts, e);
-                    (r, o)
+                    (r, o, n)
                 })
                 .collect();
             let _ = shared
@@ -565,17 +581,15 @@ async fn send_batch(
 ) {
     let policy = &*round.policy;
     let now = now_ms();
-    let mut outcomes: Vec<(Claimed, Outcome)> = Vec::with_capacity(batch.len());
+    let mut outcomes: Vec<Settled> = Vec::with_capacity(batch.len());
     let mut to_send: Vec<Claimed> = Vec::with_capacity(batch.len());
     for record in batch {
         let age_limit = record.age_from_ms + policy.max_record_age.as_millis() as i64;
         if now > age_limit {
-            let o = dead(
-                &record,
-                record.attempts,
-                expired_error(policy.max_record_age, record.attempts),
-            );
-            outcomes.push((record, o));
+            let e = expired_error(policy.max_record_age, record.attempts);
+            let n = note("dead", Some(&e), Duration::ZERO);
+            let o = dead(&record, record.attempts, e);
+            outcomes.push((record, o, n));
         } else {
             to_send.push(record);
         }
@@ -610,15 +624,16 @@ async fn send_batch(
                     key.resource_id
                 ),
             );
+            let n = note("dead", Some(&e), Duration::ZERO);
             let o = dead(&record, record.attempts, e);
-            outcomes.push((record, o));
+            outcomes.push((record, o, n));
         }
     }
     // The slots are free as soon as the send is over; the outcomes are
     // written by the completer.
     drop(permits);
     lane.batch_done.notify_one();
-    for (record, _) in &mut outcomes {
+    for (record, _, _) in &mut outcomes {
         record.body = String::new();
     }
     let _ = shared
@@ -638,7 +653,7 @@ async fn sent(
     destination: &Arc<dyn Destination>,
     batch: Vec<Claimed>,
     probe: bool,
-    outcomes: &mut Vec<(Claimed, Outcome)>,
+    outcomes: &mut Vec<Settled>,
 ) {
     let key = &lane.lane;
     let mut batch = batch;
@@ -657,6 +672,7 @@ async fn sent(
             attempt: r.attempts + 1,
         })
         .collect();
+    let started = tokio::time::Instant::now();
     let results =
         match tokio::time::timeout(policy.attempt_timeout, destination.send_batch(&outgoing)).await
         {
@@ -720,6 +736,7 @@ async fn sent(
         }
     }
     drop(outgoing);
+    let took = started.elapsed();
 
     let before = lane.breaker.state();
     let mut any_ok = false;
@@ -730,9 +747,11 @@ async fn sent(
     let now = now_ms();
     for (record, result) in batch.into_iter().zip(results) {
         let attempt = record.attempts + 1;
+        let noted;
         let outcome = match result {
             Ok(()) => {
                 any_ok = true;
+                noted = note("success", None, took);
                 shared
                     .metrics
                     .attempt(key.kind, &key.resource_id, "success", None);
@@ -744,6 +763,7 @@ async fn sent(
             }
             Err(e) => {
                 last_error = Some((e.label, e.full_message()));
+                let n = |outcome: &str| note(outcome, Some(&e), took);
                 match e.scope() {
                     Scope::Destination { after } => {
                         // Not the record's failure: no attempt used; the lane
@@ -756,6 +776,7 @@ async fn sent(
                             Some(e.label),
                         );
                         tracing::debug!(record_id = %record.id, error = %e.full_message(), "destination unavailable; the record waits");
+                        noted = n("unavailable");
                         Outcome::Release {
                             id: record.id.clone(),
                             token: record.token,
@@ -773,6 +794,7 @@ async fn sent(
                             if last { "dead" } else { "retry" },
                             Some(e.label),
                         );
+                        noted = n(if last { "dead" } else { "retry" });
                         if last {
                             dead(&record, attempt, e)
                         } else {
@@ -783,12 +805,13 @@ async fn sent(
                         shared
                             .metrics
                             .attempt(key.kind, &key.resource_id, "dead", Some(e.label));
+                        noted = n("dead");
                         dead(&record, attempt, e)
                     }
                 }
             }
         };
-        outcomes.push((record, outcome));
+        outcomes.push((record, outcome, noted));
     }
     let t = tokio::time::Instant::now();
     if let Some(after) = unavailable {
@@ -870,11 +893,11 @@ async fn completer(mut rx: mpsc::Receiver<Done>, journal: Arc<dyn Journal>, metr
                 Err(_) => break,
             }
         }
-        let outcomes: Vec<Outcome> = group
-            .iter()
-            .flat_map(|d| d.outcomes.iter().map(|(_, o)| o.clone()))
-            .collect();
-        let applied = match journal.complete(outcomes).await {
+        let (outcomes, notes): (Vec<Outcome>, Vec<Option<String>>) = group
+            .iter_mut()
+            .flat_map(|d| d.outcomes.iter_mut().map(|(_, o, n)| (o.clone(), n.take())))
+            .unzip();
+        let applied = match journal.complete_noted(outcomes, notes).await {
             Ok(applied) => applied,
             Err(e) => {
                 // Their leases stay until they run out (`delivery.lease`);
@@ -893,7 +916,7 @@ async fn completer(mut rx: mpsc::Receiver<Done>, journal: Arc<dyn Journal>, metr
         let mut applied = applied.into_iter();
         for done in group.drain(..) {
             let mut wake = false;
-            for (record, outcome) in &done.outcomes {
+            for (record, outcome, _) in &done.outcomes {
                 if !applied.next().unwrap_or(false) {
                     // The lease ended and another claim owns the record now
                     // (this process was paused, or the journal was slow):

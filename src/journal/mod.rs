@@ -22,13 +22,13 @@ mod postgres;
 mod sqlite;
 
 pub use postgres::{PgJournal, check as check_postgres, migrate};
-use sqlite::ms_to_rfc3339;
+pub(crate) use sqlite::ms_to_rfc3339;
 pub use sqlite::{SqliteJournal, check as check_sqlite, now_ms};
 
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorLabel;
 use crate::record::{DestKind, DestinationType};
@@ -201,6 +201,75 @@ pub struct DeadLetter {
     pub record: serde_json::Value,
 }
 
+/// How a record is looked up.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    /// By record id.
+    Id(String),
+    /// By the platform's call id.
+    FnCallId(String),
+}
+
+/// One attempt as the journal keeps it for lookups (the last
+/// `journal.attempts_kept` per record), stored as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttemptNote {
+    /// When the attempt ended, Unix ms.
+    pub at_ms: i64,
+    /// `success`, `retry`, `unavailable` (the destination refused as a
+    /// whole; no attempt used) or `dead`.
+    pub outcome: String,
+    /// The error label, if it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+    /// The raw error text, if it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// How long the send took.
+    pub duration_ms: i64,
+}
+
+/// A record as a lookup shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordView {
+    /// Record id.
+    pub id: String,
+    /// fnCallId.
+    pub fn_call_id: String,
+    /// Function id (empty when the journal no longer has it).
+    pub function_id: String,
+    /// `pending`, `inflight`, `delivered`, `dead` or `skipped`.
+    pub state: String,
+    /// `Success` or `Failure`, when known.
+    pub destination_type: Option<String>,
+    /// Where it goes (`None`: NONE, skipped).
+    pub target: Option<Target>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// When a pending record is next due, Unix ms.
+    pub next_attempt_at_ms: Option<i64>,
+    /// Accept time, Unix ms.
+    pub accepted_at_ms: i64,
+    /// When it was delivered, dead-lettered or skipped, Unix ms.
+    pub finished_at_ms: Option<i64>,
+    /// Last error label.
+    pub error_label: Option<String>,
+    /// Last error text.
+    pub last_error: Option<String>,
+    /// The most recent attempts, oldest first.
+    pub recent: Vec<AttemptNote>,
+}
+
+/// Parses a kept attempts array (JSON); an unreadable one shows as empty.
+pub fn parse_notes(json: Option<&str>) -> Vec<AttemptNote> {
+    json.and_then(|j| serde_json::from_str(j).ok())
+        .unwrap_or_default()
+}
+
+/// Attempts kept per record at most (`journal.attempts_kept`).
+pub const MAX_ATTEMPTS_KEPT: usize = 100;
+
 /// Gauges, read without scanning the backlog.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -310,7 +379,22 @@ pub trait Journal: Send + Sync + 'static {
     /// each final outcome is counted once. The leases end when the outcomes
     /// are written; if they are not, the leases run out and the records are
     /// claimed again.
-    async fn complete(&self, outcomes: Vec<Outcome>) -> Result<Vec<bool>, JournalError>;
+    async fn complete(&self, outcomes: Vec<Outcome>) -> Result<Vec<bool>, JournalError> {
+        let notes = vec![None; outcomes.len()];
+        self.complete_noted(outcomes, notes).await
+    }
+
+    /// [`Journal::complete`], keeping with each outcome its attempt note
+    /// (an [`AttemptNote`] as JSON; `None` keeps nothing), of which the last
+    /// `attempts_kept` per record stay for lookups.
+    async fn complete_noted(
+        &self,
+        outcomes: Vec<Outcome>,
+        notes: Vec<Option<String>>,
+    ) -> Result<Vec<bool>, JournalError>;
+
+    /// A record by id or fnCallId, with its recent attempts.
+    async fn lookup(&self, by: Lookup) -> Result<Option<RecordView>, JournalError>;
 
     /// Dead letters, oldest first, after the given id.
     async fn list_dead(

@@ -34,8 +34,8 @@ use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use tokio_postgres::AsyncMessage;
 
 use super::{
-    Appended, Claimed, Conflict, DeadLetter, Journal, JournalError, Lane, NewRecord, Outcome,
-    Stats, Target, ms_to_rfc3339, now_ms,
+    Appended, Claimed, Conflict, DeadLetter, Journal, JournalError, Lane, Lookup, NewRecord,
+    Outcome, RecordView, Stats, Target, ms_to_rfc3339, now_ms, parse_notes,
 };
 use crate::config::JournalConfig;
 use crate::logging::RateLimited;
@@ -78,7 +78,23 @@ const MIGRATIONS: &[&str] = &[
         WHERE state = 'pending';
     CREATE INDEX fnrelay_records_dead ON fnrelay_records (id) WHERE state = 'dead';
     CREATE SEQUENCE fnrelay_claim_tokens;",
+    // 2: record lookups: each record's last attempts, and what a delivered
+    // record was (its row leaves the hot table) kept with its fnCallId.
+    "ALTER TABLE fnrelay_records ADD COLUMN recent jsonb;
+    ALTER TABLE fnrelay_accepted ADD COLUMN summary jsonb;
+    CREATE INDEX fnrelay_accepted_id ON fnrelay_accepted (id);",
 ];
+
+/// SQL appending the note `note` (JSON text, or NULL) to `recent`, keeping
+/// at most `kept` entries.
+fn append_note(recent: &str, note: &str, kept: &str) -> String {
+    format!(
+        "CASE WHEN {note} IS NULL THEN {recent}
+              WHEN {recent} IS NULL THEN jsonb_build_array({note}::jsonb)
+              WHEN jsonb_array_length({recent}) >= {kept} THEN ({recent} - 0) || jsonb_build_array({note}::jsonb)
+              ELSE {recent} || jsonb_build_array({note}::jsonb) END"
+    )
+}
 
 /// The advisory lock migrations run under (any constant shared by builds).
 const MIGRATION_LOCK: i64 = 0x666e_7265_6c61_7901;
@@ -97,6 +113,8 @@ pub struct PgJournal {
     appends: mpsc::Sender<AppendJob>,
     pending: Arc<AtomicU64>,
     wake: Arc<Notify>,
+    /// `journal.attempts_kept`.
+    attempts_kept: AtomicU64,
 }
 
 type AppendResult = Result<Result<Vec<Appended>, Vec<Conflict>>, JournalError>;
@@ -279,6 +297,15 @@ pub async fn check(config: &JournalConfig) -> Result<usize, JournalError> {
 }
 
 impl PgJournal {
+    /// How many attempts to keep per record for lookups
+    /// (`journal.attempts_kept`).
+    pub fn set_attempts_kept(&self, n: usize) {
+        self.attempts_kept.store(
+            n.clamp(1, super::MAX_ATTEMPTS_KEPT) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
     /// Connects, migrates the schema, and starts the appenders, the
     /// listener that wakes `wake` when another replica commits records, and
     /// the pending recount.
@@ -311,6 +338,7 @@ impl PgJournal {
             appends: tx,
             pending,
             wake,
+            attempts_kept: AtomicU64::new(10),
         };
         journal.resync().await?;
         tokio::spawn(recount(journal.pool.clone(), journal.pending.clone()));
@@ -740,23 +768,49 @@ impl Journal for PgJournal {
         Ok(row.get(0))
     }
 
-    async fn complete(&self, outcomes: Vec<Outcome>) -> Result<Vec<bool>, JournalError> {
+    async fn complete_noted(
+        &self,
+        outcomes: Vec<Outcome>,
+        notes: Vec<Option<String>>,
+    ) -> Result<Vec<bool>, JournalError> {
         let now = now_ms();
+        let kept = self.attempts_kept.load(Ordering::Relaxed) as i32;
         let mut client = self.pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await.map_err(pg)?;
         let mut applied: HashSet<String> = HashSet::new();
 
-        let (mut d_ids, mut d_tokens) = (Vec::new(), Vec::new());
-        let (mut r_ids, mut r_tokens, mut r_attempts, mut r_at, mut r_errors) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let (mut l_ids, mut l_tokens, mut l_at) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut x_ids, mut x_tokens, mut x_attempts, mut x_errors, mut x_labels) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for o in &outcomes {
+        let (mut d_ids, mut d_tokens, mut d_attempts, mut d_notes) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut r_ids, mut r_tokens, mut r_attempts, mut r_at, mut r_errors, mut r_notes) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        let (mut l_ids, mut l_tokens, mut l_at, mut l_notes) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut x_ids, mut x_tokens, mut x_attempts, mut x_errors, mut x_labels, mut x_notes) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        for (o, note) in outcomes.iter().zip(&notes) {
+            let note = note.as_deref();
             match o {
-                Outcome::Delivered { id, token, .. } => {
+                Outcome::Delivered {
+                    id,
+                    token,
+                    attempts,
+                } => {
                     d_ids.push(id.as_str());
                     d_tokens.push(*token as i64);
+                    d_attempts.push(*attempts as i32);
+                    d_notes.push(note);
                 }
                 Outcome::Retry {
                     id,
@@ -770,6 +824,7 @@ impl Journal for PgJournal {
                     r_attempts.push(*attempts as i32);
                     r_at.push(*next_attempt_at_ms);
                     r_errors.push(error.as_str());
+                    r_notes.push(note);
                 }
                 Outcome::Release {
                     id,
@@ -779,6 +834,7 @@ impl Journal for PgJournal {
                     l_ids.push(id.as_str());
                     l_tokens.push(*token as i64);
                     l_at.push(*next_attempt_at_ms);
+                    l_notes.push(note);
                 }
                 Outcome::Dead {
                     id,
@@ -792,6 +848,7 @@ impl Journal for PgJournal {
                     x_attempts.push(*attempts as i32);
                     x_errors.push(error.as_str());
                     x_labels.push(label.as_str());
+                    x_notes.push(note);
                 }
             }
         }
@@ -802,15 +859,24 @@ impl Journal for PgJournal {
         if !d_ids.is_empty() {
             let rows = tx
                 .query(
-                    "WITH d AS (
+                    &format!(
+                        // The row leaves the hot table; what a lookup shows
+                        // of a delivered record stays with its fnCallId.
+                        "WITH d AS (
                          DELETE FROM fnrelay_records r
-                         USING unnest($1::text[], $2::int8[]) AS o(id, token)
+                         USING unnest($1::text[], $2::int8[], $4::int4[], $5::text[])
+                             AS o(id, token, attempts, note)
                          WHERE r.id = o.id AND r.token = o.token AND r.state = 'pending'
-                         RETURNING r.id, r.fn_call_id),
-                     a AS (UPDATE fnrelay_accepted SET done_at = $3
-                         WHERE fn_call_id IN (SELECT fn_call_id FROM d))
+                         RETURNING r.id, r.fn_call_id, jsonb_build_object(
+                             'functionId', r.function_id, 'destinationType', r.destination_type,
+                             'kind', r.kind, 'resourceId', r.resource_id, 'channelId', r.channel_id,
+                             'attempts', o.attempts, 'recent', {}) AS summary),
+                     a AS (UPDATE fnrelay_accepted x SET done_at = $3, summary = d.summary
+                         FROM d WHERE x.fn_call_id = d.fn_call_id)
                      SELECT id FROM d",
-                    &[&d_ids, &d_tokens, &now],
+                        append_note("r.recent", "o.note", "$6")
+                    ),
+                    &[&d_ids, &d_tokens, &now, &d_attempts, &d_notes, &kept],
                 )
                 .await
                 .map_err(pg)?;
@@ -820,13 +886,18 @@ impl Journal for PgJournal {
         if !r_ids.is_empty() {
             collect(
                 tx.query(
-                    "UPDATE fnrelay_records r SET attempts = o.attempts, due_at = o.at,
-                         last_error = o.error, token = 0
-                     FROM unnest($1::text[], $2::int8[], $3::int4[], $4::int8[], $5::text[])
-                          AS o(id, token, attempts, at, error)
+                    &format!(
+                        "UPDATE fnrelay_records r SET attempts = o.attempts, due_at = o.at,
+                         last_error = o.error, token = 0, recent = {}
+                     FROM unnest($1::text[], $2::int8[], $3::int4[], $4::int8[], $5::text[], $6::text[])
+                          AS o(id, token, attempts, at, error, note)
                      WHERE r.id = o.id AND r.token = o.token AND r.state = 'pending'
                      RETURNING r.id",
-                    &[&r_ids, &r_tokens, &r_attempts, &r_at, &r_errors],
+                        append_note("r.recent", "o.note", "$7")
+                    ),
+                    &[
+                        &r_ids, &r_tokens, &r_attempts, &r_at, &r_errors, &r_notes, &kept,
+                    ],
                 )
                 .await
                 .map_err(pg)?,
@@ -835,11 +906,14 @@ impl Journal for PgJournal {
         if !l_ids.is_empty() {
             collect(
                 tx.query(
-                    "UPDATE fnrelay_records r SET due_at = o.at, token = 0
-                     FROM unnest($1::text[], $2::int8[], $3::int8[]) AS o(id, token, at)
+                    &format!(
+                        "UPDATE fnrelay_records r SET due_at = o.at, token = 0, recent = {}
+                     FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[]) AS o(id, token, at, note)
                      WHERE r.id = o.id AND r.token = o.token AND r.state = 'pending'
                      RETURNING r.id",
-                    &[&l_ids, &l_tokens, &l_at],
+                        append_note("r.recent", "o.note", "$5")
+                    ),
+                    &[&l_ids, &l_tokens, &l_at, &l_notes, &kept],
                 )
                 .await
                 .map_err(pg)?,
@@ -849,13 +923,20 @@ impl Journal for PgJournal {
         if !x_ids.is_empty() {
             let rows = tx
                 .query(
-                    "UPDATE fnrelay_records r SET state = 'dead', attempts = o.attempts,
-                         last_error = o.error, error_label = o.label, due_at = $6, token = 0
-                     FROM unnest($1::text[], $2::int8[], $3::int4[], $4::text[], $5::text[])
-                          AS o(id, token, attempts, error, label)
+                    &format!(
+                        "UPDATE fnrelay_records r SET state = 'dead', attempts = o.attempts,
+                         last_error = o.error, error_label = o.label, due_at = $6, token = 0,
+                         recent = {}
+                     FROM unnest($1::text[], $2::int8[], $3::int4[], $4::text[], $5::text[], $7::text[])
+                          AS o(id, token, attempts, error, label, note)
                      WHERE r.id = o.id AND r.token = o.token AND r.state = 'pending'
                      RETURNING r.id",
-                    &[&x_ids, &x_tokens, &x_attempts, &x_errors, &x_labels, &now],
+                        append_note("r.recent", "o.note", "$8")
+                    ),
+                    &[
+                        &x_ids, &x_tokens, &x_attempts, &x_errors, &x_labels, &now, &x_notes,
+                        &kept,
+                    ],
                 )
                 .await
                 .map_err(pg)?;
@@ -870,6 +951,116 @@ impl Journal for PgJournal {
                 Some(p.saturating_sub(gone))
             });
         Ok(outcomes.iter().map(|o| applied.contains(o.id())).collect())
+    }
+
+    async fn lookup(&self, by: Lookup) -> Result<Option<RecordView>, JournalError> {
+        let now = now_ms();
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let (sql, key) = match &by {
+            Lookup::Id(id) => (
+                "SELECT fn_call_id, id, accepted_at, done_at, summary::text
+                 FROM fnrelay_accepted WHERE id = $1",
+                id,
+            ),
+            Lookup::FnCallId(call) => (
+                "SELECT fn_call_id, id, accepted_at, done_at, summary::text
+                 FROM fnrelay_accepted WHERE fn_call_id = $1",
+                call,
+            ),
+        };
+        let Some(accepted) = client.query_opt(sql, &[key]).await.map_err(pg)? else {
+            return Ok(None);
+        };
+        let id: String = accepted.get(1);
+        let row = client
+            .query_opt(
+                "SELECT function_id, destination_type, kind, resource_id, channel_id, state,
+                        attempts, due_at, token, last_error, error_label, recent::text
+                 FROM fnrelay_records WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(pg)?;
+        let fn_call_id: String = accepted.get(0);
+        let accepted_at_ms: i64 = accepted.get(2);
+        let done_at: Option<i64> = accepted.get(3);
+        let view = match row {
+            Some(r) => {
+                let state: String = r.get(5);
+                let due: i64 = r.get(7);
+                let token: i64 = r.get(8);
+                let pending = state == "pending";
+                let inflight = pending && token != 0 && due > now;
+                let attempts: i32 = r.get(6);
+                RecordView {
+                    id,
+                    fn_call_id,
+                    function_id: r.get(0),
+                    destination_type: Some(r.get(1)),
+                    target: DestKind::parse(r.get::<_, &str>(2)).map(|kind| Target {
+                        kind,
+                        resource_id: r.get(3),
+                        channel_id: r.get(4),
+                    }),
+                    attempts: attempts as u32,
+                    next_attempt_at_ms: (pending && !inflight).then_some(due),
+                    accepted_at_ms,
+                    finished_at_ms: (!pending).then_some(due),
+                    last_error: r.get(9),
+                    error_label: r.get(10),
+                    recent: parse_notes(r.get::<_, Option<&str>>(11)),
+                    state: if inflight { "inflight".into() } else { state },
+                }
+            }
+            None => {
+                // Delivered (its summary kept) or skipped (no destination).
+                let summary: Option<serde_json::Value> = accepted
+                    .get::<_, Option<&str>>(4)
+                    .and_then(|s| serde_json::from_str(s).ok());
+                let text = |k: &str| {
+                    summary
+                        .as_ref()
+                        .and_then(|s| s[k].as_str().map(str::to_string))
+                };
+                let target = match (
+                    text("kind").as_deref().and_then(DestKind::parse),
+                    text("resourceId"),
+                ) {
+                    (Some(kind), Some(resource_id)) => Some(Target {
+                        kind,
+                        resource_id,
+                        channel_id: text("channelId"),
+                    }),
+                    _ => None,
+                };
+                RecordView {
+                    id,
+                    fn_call_id,
+                    function_id: text("functionId").unwrap_or_default(),
+                    state: match (&summary, done_at) {
+                        (Some(_), _) => "delivered".into(),
+                        (None, Some(_)) => "skipped".into(),
+                        (None, None) => "pending".into(),
+                    },
+                    destination_type: text("destinationType"),
+                    target,
+                    attempts: summary
+                        .as_ref()
+                        .and_then(|s| s["attempts"].as_u64())
+                        .unwrap_or(0) as u32,
+                    next_attempt_at_ms: None,
+                    accepted_at_ms,
+                    finished_at_ms: done_at,
+                    last_error: None,
+                    error_label: None,
+                    recent: summary
+                        .as_ref()
+                        .and_then(|s| serde_json::from_value(s["recent"].clone()).ok())
+                        .unwrap_or_default(),
+                }
+            }
+        };
+        Ok(Some(view))
     }
 
     async fn list_dead(

@@ -28,8 +28,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    Appended, Claimed, Conflict, DeadLetter, Journal, JournalError, Lane, NewRecord, Outcome,
-    Stats, Target,
+    Appended, Claimed, Conflict, DeadLetter, Journal, JournalError, Lane, Lookup, NewRecord,
+    Outcome, RecordView, Stats, Target, parse_notes,
 };
 use crate::logging::RateLimited;
 use crate::record::{DestKind, DestinationType, format_timestamp};
@@ -68,6 +68,13 @@ CREATE INDEX IF NOT EXISTS records_lane_due ON records (kind, resource_id, next_
 -- The oldest pending record, for the gauge, without a scan.
 CREATE INDEX IF NOT EXISTS records_pending_age ON records (accepted_at) WHERE state = 'pending';
 ";
+
+/// Appends the note `?8` (JSON, or NULL for none) to a record's kept
+/// attempts, dropping the oldest beyond `?9`.
+const APPEND_NOTE: &str = "CASE WHEN ?8 IS NULL THEN recent
+    WHEN recent IS NULL THEN '[' || ?8 || ']'
+    WHEN json_array_length(recent) >= ?9 THEN json_insert(json_remove(recent, '$[0]'), '$[#]', json(?8))
+    ELSE json_insert(recent, '$[#]', json(?8)) END";
 
 /// Changes to the in-memory state, applied only after the commit.
 #[derive(Default)]
@@ -209,6 +216,8 @@ struct Shared {
     pending: AtomicU64,
     dead: AtomicU64,
     next_token: AtomicU64,
+    /// `journal.attempts_kept`.
+    attempts_kept: AtomicU64,
     leases: Mutex<Leases>,
 }
 
@@ -325,6 +334,15 @@ pub fn check(path: &Path) -> Result<String, String> {
 }
 
 impl SqliteJournal {
+    /// How many attempts to keep per record for lookups
+    /// (`journal.attempts_kept`).
+    pub fn set_attempts_kept(&self, n: usize) {
+        self.shared.attempts_kept.store(
+            n.clamp(1, super::MAX_ATTEMPTS_KEPT) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
     /// Opens (or creates) the journal and starts its writer thread. Fails
     /// with [`JournalError::Locked`] when another process has it open.
     pub fn open(path: &Path, max_group_commit: usize) -> Result<Self, JournalError> {
@@ -384,6 +402,15 @@ impl SqliteJournal {
         if !has_digest {
             conn.execute_batch("ALTER TABLE records ADD COLUMN digest BLOB")?;
         }
+        // Journals written before lookups kept no attempts.
+        let has_recent: bool = conn.query_row(
+            "SELECT count(*) FROM pragma_table_info('records') WHERE name = 'recent'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !has_recent {
+            conn.execute_batch("ALTER TABLE records ADD COLUMN recent TEXT")?;
+        }
         // Journals written before leases kept claims in the row.
         let reset = conn.execute(
             "UPDATE records SET state = 'pending' WHERE state = 'inflight'",
@@ -400,6 +427,7 @@ impl SqliteJournal {
             pending: AtomicU64::new(pending),
             dead: AtomicU64::new(dead),
             next_token: AtomicU64::new(1),
+            attempts_kept: AtomicU64::new(10),
             leases: Mutex::new(Leases::default()),
         });
         let reader = Connection::open_with_flags(
@@ -834,8 +862,13 @@ impl Journal for SqliteJournal {
         .await
     }
 
-    async fn complete(&self, outcomes: Vec<Outcome>) -> Result<Vec<bool>, JournalError> {
+    async fn complete_noted(
+        &self,
+        outcomes: Vec<Outcome>,
+        notes: Vec<Option<String>>,
+    ) -> Result<Vec<bool>, JournalError> {
         let now = now_ms();
+        let kept = self.shared.attempts_kept.load(Ordering::Relaxed) as i64;
         let ended: Vec<(String, u64)> = outcomes
             .iter()
             .map(|o| (o.id().to_string(), o.token()))
@@ -857,34 +890,41 @@ impl Journal for SqliteJournal {
             .run(move |tx| {
                 let mut delta = Delta::default();
                 let mut applied = Vec::with_capacity(outcomes.len());
-                let mut delivered = tx.prepare_cached(
+                // ?8: the attempt note (JSON) or NULL; ?9: how many to keep.
+                let mut delivered = tx.prepare_cached(&format!(
                     // The body is at its destination; keep only what
                     // idempotent re-posts need until retention ends.
                     "UPDATE records SET state = 'delivered', attempts = ?2, body = NULL,
-                         next_attempt_at = ?3, last_error = NULL, error_label = NULL
-                     WHERE id = ?1 AND state = 'pending'",
-                )?;
-                let mut retry = tx.prepare_cached(
-                    "UPDATE records SET attempts = ?2, next_attempt_at = ?3, last_error = ?4
-                     WHERE id = ?1 AND state = 'pending'",
-                )?;
-                let mut release = tx.prepare_cached(
-                    "UPDATE records SET next_attempt_at = ?2
-                     WHERE id = ?1 AND state = 'pending' AND next_attempt_at < ?2",
-                )?;
-                let mut dead = tx.prepare_cached(
+                         next_attempt_at = ?3, last_error = NULL, error_label = NULL,
+                         recent = {APPEND_NOTE}
+                     WHERE id = ?1 AND state = 'pending'"
+                ))?;
+                let mut retry = tx.prepare_cached(&format!(
+                    "UPDATE records SET attempts = ?2, next_attempt_at = ?3, last_error = ?4,
+                         recent = {APPEND_NOTE}
+                     WHERE id = ?1 AND state = 'pending'"
+                ))?;
+                let mut release = tx.prepare_cached(&format!(
+                    "UPDATE records SET next_attempt_at = max(next_attempt_at, ?2),
+                         recent = {APPEND_NOTE}
+                     WHERE id = ?1 AND state = 'pending'"
+                ))?;
+                let mut dead = tx.prepare_cached(&format!(
                     "UPDATE records SET state = 'dead', attempts = ?2, next_attempt_at = ?3,
-                         last_error = ?4, error_label = ?5
-                     WHERE id = ?1 AND state = 'pending'",
-                )?;
-                for (outcome, holds) in outcomes.into_iter().zip(holds) {
+                         last_error = ?4, error_label = ?5, recent = {APPEND_NOTE}
+                     WHERE id = ?1 AND state = 'pending'"
+                ))?;
+                let none: Option<&str> = None;
+                for ((outcome, holds), note) in outcomes.into_iter().zip(holds).zip(notes) {
                     if !holds {
                         applied.push(false);
                         continue;
                     }
                     let changed = match outcome {
                         Outcome::Delivered { id, attempts, .. } => {
-                            let n = delivered.execute(params![id, attempts, now])? as i64;
+                            let n = delivered.execute(params![
+                                id, attempts, now, none, none, none, none, note, kept
+                            ])? as i64;
                             delta.pending -= n;
                             n == 1
                         }
@@ -894,16 +934,38 @@ impl Journal for SqliteJournal {
                             next_attempt_at_ms,
                             error,
                             ..
-                        } => retry.execute(params![id, attempts, next_attempt_at_ms, error])? == 1,
+                        } => {
+                            retry.execute(params![
+                                id,
+                                attempts,
+                                next_attempt_at_ms,
+                                error,
+                                none,
+                                none,
+                                none,
+                                note,
+                                kept
+                            ])? == 1
+                        }
                         Outcome::Release {
                             id,
                             next_attempt_at_ms,
                             ..
                         } => {
-                            // A release due now writes nothing: ending the
-                            // lease is enough.
-                            if next_attempt_at_ms > now {
-                                release.execute(params![id, next_attempt_at_ms])?;
+                            // A release due now without a note writes
+                            // nothing: ending the lease is enough.
+                            if next_attempt_at_ms > now || note.is_some() {
+                                release.execute(params![
+                                    id,
+                                    next_attempt_at_ms,
+                                    none,
+                                    none,
+                                    none,
+                                    none,
+                                    none,
+                                    note,
+                                    kept
+                                ])?;
                             }
                             true
                         }
@@ -914,9 +976,17 @@ impl Journal for SqliteJournal {
                             label,
                             ..
                         } => {
-                            let n =
-                                dead.execute(params![id, attempts, now, error, label.as_str()])?
-                                    as i64;
+                            let n = dead.execute(params![
+                                id,
+                                attempts,
+                                now,
+                                error,
+                                label.as_str(),
+                                none,
+                                none,
+                                note,
+                                kept
+                            ])? as i64;
                             delta.pending -= n;
                             delta.dead += n;
                             n == 1
@@ -938,6 +1008,57 @@ impl Journal for SqliteJournal {
             }
         }
         result
+    }
+
+    async fn lookup(&self, by: Lookup) -> Result<Option<RecordView>, JournalError> {
+        let now = now_ms();
+        self.read(move |conn, shared| {
+            let (sql, key) = match by {
+                Lookup::Id(id) => ("id", id),
+                Lookup::FnCallId(call) => ("fn_call_id", call),
+            };
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT id, fn_call_id, function_id, destination_type, kind, resource_id, channel_id,
+                        state, attempts, accepted_at, next_attempt_at, last_error, error_label, recent
+                 FROM records WHERE {sql} = ?1"
+            ))?;
+            let mut rows = stmt.query(params![key])?;
+            let Some(r) = rows.next()? else {
+                return Ok(None);
+            };
+            let id: String = r.get(0)?;
+            let kind: Option<String> = r.get(4)?;
+            let mut state: String = r.get(7)?;
+            let at: i64 = r.get(10)?;
+            let pending = state == "pending";
+            if pending && shared.leases().live(&id, now) {
+                state = "inflight".into();
+            }
+            let target = match (kind.as_deref().and_then(DestKind::parse), r.get::<_, Option<String>>(5)?) {
+                (Some(kind), Some(resource_id)) => Some(Target {
+                    kind,
+                    resource_id,
+                    channel_id: r.get(6)?,
+                }),
+                _ => None,
+            };
+            Ok(Some(RecordView {
+                id,
+                fn_call_id: r.get(1)?,
+                function_id: r.get(2)?,
+                destination_type: Some(r.get(3)?),
+                target,
+                attempts: r.get(8)?,
+                next_attempt_at_ms: pending.then_some(at),
+                accepted_at_ms: r.get(9)?,
+                finished_at_ms: (!pending).then_some(at),
+                last_error: r.get(11)?,
+                error_label: r.get(12)?,
+                recent: parse_notes(r.get::<_, Option<String>>(13)?.as_deref()),
+                state,
+            }))
+        })
+        .await
     }
 
     async fn list_dead(
