@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Caller, Denied};
 use crate::config::{Config, Scope};
-use crate::journal::{Journal, JournalError, NewRecord, Target, now_ms};
+use crate::journal::{Appended, Journal, JournalError, NewRecord, Target, now_ms};
 use crate::logging::{Chain, RateLimited, clip};
 use crate::metrics::Metrics;
 use crate::record::{
@@ -53,6 +53,8 @@ pub struct AppState {
     pub wake: Arc<Notify>,
     /// Fires when the daemon stops accepting.
     pub shutdown: CancellationToken,
+    /// Wakes the watchdog when a watch is registered.
+    pub watchdog_wake: Notify,
     /// Asks the reloader to reload the configuration (`None`: this daemon
     /// was given a fixed configuration, not a file).
     pub reload: Option<tokio::sync::mpsc::Sender<crate::reload::Request>>,
@@ -85,6 +87,7 @@ impl AppState {
             metrics,
             wake,
             shutdown,
+            watchdog_wake: Notify::new(),
             reload: None,
             ulids: Mutex::new(ulid::Generator::new()),
             errors: RateLimited::new(Duration::from_secs(10)),
@@ -282,6 +285,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/dead-letters", get(list_dead))
         .route("/v1/dead-letters/replay", post(replay_dead))
         .route("/v1/admin/reload", post(reload))
+        .route("/v1/invocations", post(watch_invocation))
         .route("/v1/records", get(find_record))
         .route("/v1/records/{id}", get(record_by_id))
         .route("/metrics", get(metrics))
@@ -639,6 +643,202 @@ struct ReplayRequest {
     ids: Option<Vec<String>>,
     #[serde(default)]
     all: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct StartedInvocation {
+    fn_call_id: String,
+    function_id: String,
+    application_id: String,
+    compartment_id: String,
+    #[serde(default)]
+    opc_request_id: Option<String>,
+    deadline: String,
+}
+
+/// `POST /v1/invocations` (ingest): a detached invocation has started; if
+/// no completion for its fnCallId arrives by `deadline`, fnrelay makes the
+/// failure record itself. 202 once the watch is committed.
+async fn watch_invocation(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    authorize(&state, &headers, Scope::Ingest)?;
+    if state.shutdown.is_cancelled() {
+        return Err(ApiError::Unavailable("fnrelay is shutting down"));
+    }
+    require_json(&headers)?;
+    let config = state.config();
+    let (body, _budget) = read_body(&state, &headers, body, config.server.max_body_bytes).await?;
+    let req: StartedInvocation = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(vec![FieldError::new("body", e.to_string())]))?;
+    let mut bad = Vec::new();
+    let max_id = config.server.max_id_bytes;
+    for (field, value) in [
+        ("fnCallId", &req.fn_call_id),
+        ("functionId", &req.function_id),
+        ("applicationId", &req.application_id),
+        ("compartmentId", &req.compartment_id),
+    ] {
+        if value.trim().is_empty() || value.trim() != value {
+            bad.push(FieldError::new(
+                field,
+                "must be a non-empty id without surrounding spaces",
+            ));
+        } else if value.len() > max_id {
+            bad.push(FieldError::new(
+                field,
+                format!("longer than {max_id} bytes (server.max_id_bytes)"),
+            ));
+        }
+    }
+    let now = now_ms();
+    let deadline_ms = match OffsetDateTime::parse(
+        &req.deadline,
+        &time::format_description::well_known::Rfc3339,
+    ) {
+        Ok(t) => {
+            let ms = (t.unix_timestamp_nanos() / 1_000_000) as i64;
+            let max = config.watchdog.max_deadline;
+            if ms <= now {
+                bad.push(FieldError::new("deadline", "is in the past"));
+            } else if ms - now > max.as_millis() as i64 {
+                bad.push(FieldError::new(
+                    "deadline",
+                    format!(
+                        "is more than {} from now (watchdog.max_deadline)",
+                        humantime::format_duration(max)
+                    ),
+                ));
+            }
+            ms
+        }
+        Err(e) => {
+            bad.push(FieldError::new(
+                "deadline",
+                format!("not an RFC 3339 time ({e})"),
+            ));
+            0
+        }
+    };
+    if !bad.is_empty() {
+        return Err(ApiError::BadRequest(bad));
+    }
+    // The record it would make must be allowed where it would go.
+    let event = crate::watchdog::timeout_event(
+        &req.fn_call_id,
+        &req.function_id,
+        &req.application_id,
+        &req.compartment_id,
+        req.opc_request_id.clone(),
+        deadline_ms,
+    );
+    if let Some(dest) = resolve(&config, &event, DestinationType::Failure)
+        && let Some((kind, id)) = dest.target()
+        && !allowed(&config, &event, kind.table(), id)
+    {
+        return Err(ApiError::Forbidden(vec![FieldError::new(
+            "compartmentId",
+            format!(
+                "compartment `{}` may not use {}.{id} (no [[policy.allow]] rule permits it)",
+                clip(&event.compartment_id),
+                kind.table()
+            ),
+        )]));
+    }
+    let watched = state
+        .journal
+        .watch(crate::journal::Watch {
+            fn_call_id: req.fn_call_id.clone(),
+            function_id: req.function_id,
+            application_id: req.application_id,
+            compartment_id: req.compartment_id,
+            opc_request_id: req.opc_request_id,
+            deadline_ms,
+        })
+        .await
+        .map_err(|e| {
+            state.log_error("cannot journal a started invocation", &e);
+            ApiError::Unavailable("journal write failed; retry later")
+        })?;
+    state.watchdog_wake.notify_one();
+    Ok(match watched {
+        crate::journal::Watched::Watching => (
+            StatusCode::ACCEPTED,
+            Json(
+                json!({"fnCallId": req.fn_call_id, "state": "watching", "deadline": crate::journal::ms_to_rfc3339(deadline_ms)}),
+            ),
+        ),
+        crate::journal::Watched::Completed { id } => (
+            StatusCode::OK,
+            Json(json!({"fnCallId": req.fn_call_id, "state": "completed", "id": id})),
+        ),
+    })
+}
+
+/// Journals the failure records the watchdog makes for invocations whose
+/// completion did not come: routed by the configuration (the failure side;
+/// a compartment the policy does not allow there gets no record, logged),
+/// with no digest, so a late completion of the same call gets the record's
+/// id back. Returns, per event, the record's id and whether it is new.
+pub(crate) async fn journal_made_records(
+    state: &AppState,
+    events: Vec<Completion>,
+) -> Result<Vec<Option<Appended>>, JournalError> {
+    let config = state.config();
+    let accepted_at = OffsetDateTime::now_utc();
+    let accepted_ms = (accepted_at.unix_timestamp_nanos() / 1_000_000) as i64;
+    let mut records = Vec::new();
+    let mut index = Vec::new();
+    for (i, event) in events.iter().enumerate() {
+        let dest = resolve(&config, event, DestinationType::Failure);
+        if let Some((kind, id)) = dest.as_ref().and_then(DestSpec::target)
+            && !allowed(&config, event, kind.table(), id)
+        {
+            tracing::error!(fn_call_id = %clip(&event.fn_call_id), destination = %format!("{}.{id}", kind.table()), "watchdog: the policy no longer lets this compartment use its failure destination; no record made");
+            continue;
+        }
+        let id = {
+            let mut generator = state.ulids.lock().expect("ulid lock");
+            match generator.generate_from_datetime(SystemTime::now()) {
+                Ok(id) => id.to_string(),
+                Err(overflow) => overflow.commit_overflow_random().to_string(),
+            }
+        };
+        records.push(NewRecord {
+            body: build_record(&id, event, accepted_at),
+            id,
+            fn_call_id: event.fn_call_id.clone(),
+            function_id: event.function_id.clone(),
+            destination_type: DestinationType::Failure,
+            target: dest.as_ref().and_then(|d| {
+                d.target().map(|(kind, resource)| Target {
+                    kind,
+                    resource_id: resource.to_string(),
+                    channel_id: d.channel().map(str::to_string),
+                })
+            }),
+            accepted_at_ms: accepted_ms,
+            digest: Vec::new(),
+        });
+        index.push(i);
+    }
+    let skipped: Vec<bool> = records.iter().map(|r| r.target.is_none()).collect();
+    let appended = state.journal.append(records).await?;
+    state.wake.notify_one();
+    let mut out: Vec<Option<Appended>> = vec![None; events.len()];
+    for ((i, a), skipped) in index.into_iter().zip(appended).zip(skipped) {
+        if !a.existing {
+            state.metrics.accepted(1, 0);
+            if skipped {
+                state.metrics.skipped(DestinationType::Failure);
+            }
+        }
+        out[i] = Some(a);
+    }
+    Ok(out)
 }
 
 /// `GET /v1/records/{id}`: where a record is and why (admin).

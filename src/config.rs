@@ -42,6 +42,9 @@ pub struct Config {
     /// Log format and level.
     #[serde(default)]
     pub log: LogConfig,
+    /// The lost-completion watchdog (`POST /v1/invocations`).
+    #[serde(default)]
+    pub watchdog: WatchdogConfig,
     /// QUEUE resources, keyed by queueId.
     #[serde(default)]
     pub queues: BTreeMap<String, Resource>,
@@ -376,6 +379,27 @@ impl Default for DeliveryConfig {
             breaker_failure_threshold: 5,
             breaker_cool_down: Duration::from_secs(10),
             removed_resource_grace: Duration::from_secs(300),
+        }
+    }
+}
+
+/// `[watchdog]`: started invocations whose completion never comes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchdogConfig {
+    /// The latest deadline `POST /v1/invocations` accepts, from now.
+    #[serde(with = "humantime_serde")]
+    pub max_deadline: Duration,
+    /// How often the journal is looked at for deadlines that passed.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for WatchdogConfig {
+    fn default() -> Self {
+        Self {
+            max_deadline: Duration::from_secs(24 * 3600),
+            poll_interval: Duration::from_millis(250),
         }
     }
 }
@@ -769,6 +793,7 @@ pub fn diagnose(
             "journal" => check_leaves::<JournalConfig>(&top, &mut value, &mut bad),
             "delivery" => check_leaves::<DeliveryConfig>(&top, &mut value, &mut bad),
             "log" => check_leaves::<LogConfig>(&top, &mut value, &mut bad),
+            "watchdog" => check_leaves::<WatchdogConfig>(&top, &mut value, &mut bad),
             "queues" | "streams" | "topics" => {
                 check_entries::<Resource>(&top, &mut value, &mut bad);
                 true
@@ -1134,6 +1159,8 @@ impl Config {
             ("delivery.max_backoff", d.max_backoff),
             ("delivery.attempt_timeout", d.attempt_timeout),
             ("delivery.breaker_cool_down", d.breaker_cool_down),
+            ("watchdog.max_deadline", self.watchdog.max_deadline),
+            ("watchdog.poll_interval", self.watchdog.poll_interval),
         ] {
             if value.is_zero() {
                 bad(key, "must be greater than 0".into());

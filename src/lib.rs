@@ -30,6 +30,8 @@
 //! - [`error`]: the delivery error vocabulary and dispositions.
 //! - [`reload`]: SIGHUP and `POST /v1/admin/reload`: validate, then swap
 //!   routes, resources, policy, tokens and limits, or refuse naming why.
+//! - [`watchdog`]: started invocations whose completion never came get a
+//!   failure record made by fnrelay.
 //! - [`shutdown`]: signals to the cancellation token.
 //! - [`logging`]: escaped text logs, clipped client input, error chains,
 //!   rate-limited repeats.
@@ -54,6 +56,7 @@ pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod shutdown;
+pub mod watchdog;
 
 use std::sync::Arc;
 
@@ -175,6 +178,7 @@ pub async fn run_with(
     );
     state.reload = Some(reload_tx);
     let state = Arc::new(state);
+    tracker.spawn(watchdog::run(state.clone(), stop_delivery.clone()));
     tokio::spawn(reload::serve(
         reload::Reloader {
             origin,

@@ -87,6 +87,15 @@ pub struct Metrics {
     config_info: Family<ConfigLabels, Gauge>,
     config_hash: std::sync::Mutex<Option<String>>,
     ready: Gauge,
+    watchdog: Family<WatchdogLabels, Counter>,
+}
+
+/// Labels of the watchdog's results.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchdogLabels {
+    /// `fired` (a failure record made), `completed` (the completion came
+    /// first) or `refused` (the policy forbids its destination).
+    pub result: &'static str,
 }
 
 /// Labels of configuration reloads.
@@ -245,6 +254,12 @@ impl Metrics {
             "1 when GET /readyz answers 200 (journal writable, not shutting down), else 0",
             ready.clone(),
         );
+        let watchdog = Family::<WatchdogLabels, Counter>::default();
+        registry.register(
+            "fnrelay_watchdog",
+            "Deadlines of started invocations that passed, by result: fired (failure record made), completed (its completion came first), refused (policy)",
+            watchdog.clone(),
+        );
         let journal_bytes = Gauge::default();
         registry.register(
             "fnrelay_journal_size_bytes",
@@ -258,6 +273,9 @@ impl Metrics {
         }
         for result in ["applied", "refused"] {
             let _ = reloads.get_or_create(&ReloadLabels { result });
+        }
+        for result in ["fired", "completed", "refused"] {
+            let _ = watchdog.get_or_create(&WatchdogLabels { result });
         }
         Self {
             registry,
@@ -283,7 +301,15 @@ impl Metrics {
             config_info,
             config_hash: std::sync::Mutex::new(None),
             ready,
+            watchdog,
         }
+    }
+
+    /// Counts a passed deadline by result.
+    pub fn watchdog(&self, result: &'static str) {
+        self.watchdog
+            .get_or_create(&WatchdogLabels { result })
+            .inc();
     }
 
     /// Counts a reload by result (`applied` or `refused`).

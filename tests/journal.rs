@@ -11,7 +11,7 @@ use common::pg::TestDb;
 use fnrelay::error::ErrorLabel;
 use fnrelay::journal::{
     Appended, AttemptNote, Conflict, Journal, JournalError, Lane, Lookup, NewRecord, Outcome,
-    PgJournal, SqliteJournal, Target, now_ms,
+    PgJournal, SqliteJournal, Target, Watch, Watched, now_ms,
 };
 use fnrelay::record::{DestKind, DestinationType};
 use tokio::sync::Notify;
@@ -314,6 +314,62 @@ async fn lookups_show_state_destination_and_recent_attempts(j: &dyn Journal) {
     );
 }
 
+fn watch(call: &str, deadline_ms: i64) -> Watch {
+    Watch {
+        fn_call_id: call.into(),
+        function_id: "f".into(),
+        application_id: "a".into(),
+        compartment_id: "c".into(),
+        opc_request_id: None,
+        deadline_ms,
+    }
+}
+
+async fn watches_fire_once_and_know_completed_calls(j: &dyn Journal) {
+    assert_eq!(
+        j.watch(watch("w1", 5_000)).await.unwrap(),
+        Watched::Watching
+    );
+    assert_eq!(
+        j.watch(watch("w2", 9_000)).await.unwrap(),
+        Watched::Watching
+    );
+    j.append(vec![record("R", "done-call", 1_000, 1)])
+        .await
+        .unwrap();
+    assert_eq!(
+        j.watch(watch("done-call", 5_000)).await.unwrap(),
+        Watched::Completed { id: "R".into() },
+        "the record exists: nothing to wait for"
+    );
+    assert!(j.due_watches(4_999, 10, LEASE).await.unwrap().is_empty());
+    let due = j.due_watches(6_000, 10, LEASE).await.unwrap();
+    assert_eq!(due, [watch("w1", 5_000)]);
+    // Registering again moves the deadline.
+    assert_eq!(
+        j.watch(watch("w2", 20_000)).await.unwrap(),
+        Watched::Watching
+    );
+    assert!(
+        j.due_watches(10_000, 10, LEASE)
+            .await
+            .unwrap()
+            .iter()
+            .all(|w| w.fn_call_id != "w2")
+    );
+    j.unwatch(vec!["w1".into()]).await.unwrap();
+    assert!(
+        j.due_watches(70_000, 10, LEASE)
+            .await
+            .unwrap()
+            .iter()
+            .all(|w| w.fn_call_id != "w1")
+    );
+    let later = j.due_watches(200_000, 10, LEASE).await.unwrap();
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].fn_call_id, "w2");
+}
+
 async fn retries_dead_letters_and_replay(j: &dyn Journal) {
     j.append(vec![
         record("A", "c1", 1_000, 1),
@@ -420,6 +476,7 @@ async fn expired_records_are_claimed_due_or_not(j: &dyn Journal) {
 }
 
 both!(lookups, lookups_show_state_destination_and_recent_attempts);
+both!(watches, watches_fire_once_and_know_completed_calls);
 both!(idempotency_and_conflicts_on_both, idempotency_and_conflicts);
 both!(leases_and_fencing_on_both, leases_and_fencing);
 both!(

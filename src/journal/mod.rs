@@ -267,6 +267,37 @@ pub fn parse_notes(json: Option<&str>) -> Vec<AttemptNote> {
         .unwrap_or_default()
 }
 
+/// A started invocation the lost-completion watchdog waits on (SPEC
+/// section 12): without a completion by `deadline_ms`, fnrelay makes its
+/// failure record itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watch {
+    /// The call's id: the completion it waits for has the same.
+    pub fn_call_id: String,
+    /// Function id.
+    pub function_id: String,
+    /// Application id.
+    pub application_id: String,
+    /// Compartment id.
+    pub compartment_id: String,
+    /// The request id the caller got, if known.
+    pub opc_request_id: Option<String>,
+    /// When to give up waiting, Unix ms.
+    pub deadline_ms: i64,
+}
+
+/// What registering a watch found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Watched {
+    /// Registered (or its deadline updated).
+    Watching,
+    /// The call's record already exists: nothing to wait for.
+    Completed {
+        /// The record's id.
+        id: String,
+    },
+}
+
 /// Attempts kept per record at most (`journal.attempts_kept`).
 pub const MAX_ATTEMPTS_KEPT: usize = 100;
 
@@ -395,6 +426,23 @@ pub trait Journal: Send + Sync + 'static {
 
     /// A record by id or fnCallId, with its recent attempts.
     async fn lookup(&self, by: Lookup) -> Result<Option<RecordView>, JournalError>;
+
+    /// Registers a started invocation durably (committed on return), or
+    /// says its record exists already. Registering again moves the
+    /// deadline.
+    async fn watch(&self, watch: Watch) -> Result<Watched, JournalError>;
+
+    /// Watches whose deadline is at or before `now_ms`, at most `limit`,
+    /// each held for `lease` so that one replica fires it.
+    async fn due_watches(
+        &self,
+        now_ms: i64,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<Watch>, JournalError>;
+
+    /// Forgets watches (fired, or their record exists).
+    async fn unwatch(&self, fn_call_ids: Vec<String>) -> Result<(), JournalError>;
 
     /// Dead letters, oldest first, after the given id.
     async fn list_dead(

@@ -35,7 +35,7 @@ use tokio_postgres::AsyncMessage;
 
 use super::{
     Appended, Claimed, Conflict, DeadLetter, Journal, JournalError, Lane, Lookup, NewRecord,
-    Outcome, RecordView, Stats, Target, ms_to_rfc3339, now_ms, parse_notes,
+    Outcome, RecordView, Stats, Target, Watch, Watched, ms_to_rfc3339, now_ms, parse_notes,
 };
 use crate::config::JournalConfig;
 use crate::logging::RateLimited;
@@ -83,6 +83,17 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE fnrelay_records ADD COLUMN recent jsonb;
     ALTER TABLE fnrelay_accepted ADD COLUMN summary jsonb;
     CREATE INDEX fnrelay_accepted_id ON fnrelay_accepted (id);",
+    // 3: started invocations the lost-completion watchdog waits on.
+    "CREATE TABLE fnrelay_watches (
+        fn_call_id     text PRIMARY KEY,
+        function_id    text NOT NULL,
+        application_id text NOT NULL,
+        compartment_id text NOT NULL,
+        opc_request_id text,
+        deadline       bigint NOT NULL,
+        claimed_until  bigint NOT NULL DEFAULT 0
+    );
+    CREATE INDEX fnrelay_watches_deadline ON fnrelay_watches (deadline);",
 ];
 
 /// SQL appending the note `note` (JSON text, or NULL) to `recent`, keeping
@@ -1061,6 +1072,82 @@ impl Journal for PgJournal {
             }
         };
         Ok(Some(view))
+    }
+
+    async fn watch(&self, watch: Watch) -> Result<Watched, JournalError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        // One statement: the record's id if the call is known, else the
+        // watch registered (or its deadline moved).
+        let row = client
+            .query_one(
+                "WITH known AS (SELECT id FROM fnrelay_accepted WHERE fn_call_id = $1),
+                      w AS (INSERT INTO fnrelay_watches (fn_call_id, function_id, application_id,
+                                compartment_id, opc_request_id, deadline)
+                            SELECT $1, $2, $3, $4, $5, $6 WHERE NOT EXISTS (SELECT 1 FROM known)
+                            ON CONFLICT (fn_call_id) DO UPDATE SET deadline = EXCLUDED.deadline,
+                                claimed_until = 0)
+                 SELECT (SELECT id FROM known)",
+                &[
+                    &watch.fn_call_id,
+                    &watch.function_id,
+                    &watch.application_id,
+                    &watch.compartment_id,
+                    &watch.opc_request_id,
+                    &watch.deadline_ms,
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(match row.get::<_, Option<String>>(0) {
+            Some(id) => Watched::Completed { id },
+            None => Watched::Watching,
+        })
+    }
+
+    async fn due_watches(
+        &self,
+        now_ms: i64,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<Watch>, JournalError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let until = now_ms + lease.as_millis() as i64;
+        let rows = client
+            .query(
+                "UPDATE fnrelay_watches w SET claimed_until = $2
+                 WHERE fn_call_id IN (
+                     SELECT fn_call_id FROM fnrelay_watches
+                     WHERE deadline <= $1 AND claimed_until <= $1
+                     ORDER BY deadline LIMIT $3 FOR UPDATE SKIP LOCKED)
+                 RETURNING fn_call_id, function_id, application_id, compartment_id,
+                           opc_request_id, deadline",
+                &[&now_ms, &until, &(limit as i64)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| Watch {
+                fn_call_id: r.get(0),
+                function_id: r.get(1),
+                application_id: r.get(2),
+                compartment_id: r.get(3),
+                opc_request_id: r.get(4),
+                deadline_ms: r.get(5),
+            })
+            .collect())
+    }
+
+    async fn unwatch(&self, fn_call_ids: Vec<String>) -> Result<(), JournalError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        client
+            .execute(
+                "DELETE FROM fnrelay_watches WHERE fn_call_id = ANY($1)",
+                &[&fn_call_ids],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
     }
 
     async fn list_dead(

@@ -29,7 +29,7 @@ use tokio::sync::oneshot;
 
 use super::{
     Appended, Claimed, Conflict, DeadLetter, Journal, JournalError, Lane, Lookup, NewRecord,
-    Outcome, RecordView, Stats, Target, parse_notes,
+    Outcome, RecordView, Stats, Target, Watch, Watched, parse_notes,
 };
 use crate::logging::RateLimited;
 use crate::record::{DestKind, DestinationType, format_timestamp};
@@ -67,6 +67,16 @@ CREATE INDEX IF NOT EXISTS records_lane_due ON records (kind, resource_id, next_
     WHERE state = 'pending';
 -- The oldest pending record, for the gauge, without a scan.
 CREATE INDEX IF NOT EXISTS records_pending_age ON records (accepted_at) WHERE state = 'pending';
+-- Started invocations the watchdog waits on (SPEC section 12).
+CREATE TABLE IF NOT EXISTS watches (
+    fn_call_id     TEXT PRIMARY KEY,
+    function_id    TEXT NOT NULL,
+    application_id TEXT NOT NULL,
+    compartment_id TEXT NOT NULL,
+    opc_request_id TEXT,
+    deadline       INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS watches_deadline ON watches (deadline);
 ";
 
 /// Appends the note `?8` (JSON, or NULL for none) to a record's kept
@@ -1057,6 +1067,75 @@ impl Journal for SqliteJournal {
                 recent: parse_notes(r.get::<_, Option<String>>(13)?.as_deref()),
                 state,
             }))
+        })
+        .await
+    }
+
+    async fn watch(&self, watch: Watch) -> Result<Watched, JournalError> {
+        self.run(move |tx| {
+            let existing: Option<String> = tx
+                .query_row(
+                    "SELECT id FROM records WHERE fn_call_id = ?1",
+                    params![watch.fn_call_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(id) = existing {
+                return Ok((Watched::Completed { id }, Delta::default()));
+            }
+            tx.execute(
+                "INSERT INTO watches (fn_call_id, function_id, application_id, compartment_id,
+                     opc_request_id, deadline) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (fn_call_id) DO UPDATE SET deadline = excluded.deadline",
+                params![
+                    watch.fn_call_id,
+                    watch.function_id,
+                    watch.application_id,
+                    watch.compartment_id,
+                    watch.opc_request_id,
+                    watch.deadline_ms
+                ],
+            )?;
+            Ok((Watched::Watching, Delta::default()))
+        })
+        .await
+    }
+
+    async fn due_watches(
+        &self,
+        now_ms: i64,
+        limit: usize,
+        _lease: Duration,
+    ) -> Result<Vec<Watch>, JournalError> {
+        // One process and one watchdog task: no lease needed.
+        self.read(move |conn, _| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT fn_call_id, function_id, application_id, compartment_id, opc_request_id,
+                        deadline
+                 FROM watches WHERE deadline <= ?1 ORDER BY deadline LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![now_ms, limit as i64], |r| {
+                Ok(Watch {
+                    fn_call_id: r.get(0)?,
+                    function_id: r.get(1)?,
+                    application_id: r.get(2)?,
+                    compartment_id: r.get(3)?,
+                    opc_request_id: r.get(4)?,
+                    deadline_ms: r.get(5)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn unwatch(&self, fn_call_ids: Vec<String>) -> Result<(), JournalError> {
+        self.run(move |tx| {
+            let mut stmt = tx.prepare_cached("DELETE FROM watches WHERE fn_call_id = ?1")?;
+            for call in &fn_call_ids {
+                stmt.execute(params![call])?;
+            }
+            Ok(((), Delta::default()))
         })
         .await
     }
