@@ -395,7 +395,7 @@ async fn fnrelay_migrate_and_check_config_on_postgres() {
         );
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
-            "journal schema at version 2"
+            "journal schema at version 3"
         );
     }
     let versions: i64 = db
@@ -405,7 +405,7 @@ async fn fnrelay_migrate_and_check_config_on_postgres() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(versions, 2, "each migration recorded once");
+    assert_eq!(versions, 3, "each migration recorded once");
     // check-config reads the version and changes nothing.
     let out = std::process::Command::new(binary())
         .args(["check-config", "--config", path.to_str().unwrap()])
@@ -416,7 +416,7 @@ async fn fnrelay_migrate_and_check_config_on_postgres() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("schema version 2"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("schema version 3"));
     // An unreachable database fails check-config, naming the key.
     std::fs::write(
         &path,

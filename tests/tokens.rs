@@ -16,6 +16,13 @@ const TOKENS: &[(&str, Option<&[&str]>)] = &[
 /// (method, path, body, scope it needs; None = open)
 const ENDPOINTS: &[(&str, &str, &str, Option<&str>)] = &[
     ("POST", "/v1/completions", "event", Some("ingest")),
+    ("POST", "/v1/invocations", "started", Some("ingest")),
+    (
+        "GET",
+        "/v1/records?fnCallId=tok-legacy-0",
+        "",
+        Some("admin"),
+    ),
     ("GET", "/v1/dead-letters", "", Some("admin")),
     (
         "POST",
@@ -91,6 +98,16 @@ success = { kind = "STREAM", streamId = "results" }
             }
             let body = match *body {
                 "event" => event(&format!("tok-{caller}-{i}"), 200).to_string(),
+                "started" => serde_json::json!({
+                    "fnCallId": format!("tok-started-{caller}-{i}"),
+                    "functionId": "f",
+                    "applicationId": "a",
+                    "compartmentId": "c",
+                    "deadline": (time::OffsetDateTime::now_utc() + std::time::Duration::from_secs(600))
+                        .format(&time::format_description::well_known::Rfc3339)
+                        .unwrap(),
+                })
+                .to_string(),
                 other => other.to_string(),
             };
             if !body.is_empty() {
@@ -102,11 +119,12 @@ success = { kind = "STREAM", streamId = "results" }
             let known = secret.as_deref().is_some_and(|s| s != "secret-nobody");
             let expected: &[u16] = match (needs, scopes) {
                 // The legacy token may do everything.
-                (_, None) => &[200, 202, 422],
+                // (A record lookup may find nothing: 404 is past auth.)
+                (_, None) => &[200, 202, 404, 422],
                 (None, _) => &[200],
                 // /metrics is open while no named token has `metrics`
                 // (here `sre` has it, so it is protected).
-                (Some(scope), Some(scopes)) if scopes.contains(scope) => &[200, 202, 422],
+                (Some(scope), Some(scopes)) if scopes.contains(scope) => &[200, 202, 404, 422],
                 (Some(_), _) if known => &[403],
                 (Some(_), _) => &[401],
             };
