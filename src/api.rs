@@ -5,6 +5,7 @@
 //! it answers 202 only after the journal commit. It never calls a
 //! destination: it only wakes the dispatcher.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -286,6 +287,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/dead-letters/replay", post(replay_dead))
         .route("/v1/admin/reload", post(reload))
         .route("/v1/invocations", post(watch_invocation))
+        .route("/v1/functions", get(list_functions))
+        .route(
+            "/v1/functions/{function_id}/destinations",
+            get(get_destinations)
+                .put(put_destinations)
+                .delete(delete_destinations),
+        )
         .route("/v1/records", get(find_record))
         .route("/v1/records/{id}", get(record_by_id))
         .route("/metrics", get(metrics))
@@ -456,6 +464,10 @@ async fn ingest(
     };
 
     let config = &*config;
+    let team = team_routes(&state, &events).await.map_err(|e| {
+        state.log_error("cannot read the functions' destinations", &e);
+        ApiError::Unavailable("journal read failed; retry later")
+    })?;
     let mut bad = Vec::new();
     let mut forbidden = Vec::new();
     let mut routed = Vec::with_capacity(events.len());
@@ -472,7 +484,7 @@ async fn ingest(
             }
         }
         let dt = event.destination_type();
-        let dest = resolve(config, event, dt);
+        let dest = resolve(config, &team, event, dt);
         if let Some((kind, id)) = dest.as_ref().and_then(DestSpec::target)
             && !allowed(config, event, kind.table(), id)
         {
@@ -581,8 +593,31 @@ async fn ingest(
     ))
 }
 
-/// Inline destination, else the routes (see [`routing::resolve`]).
-fn resolve(config: &Config, event: &Completion, dt: DestinationType) -> Option<DestSpec> {
+/// The destinations teams set for the functions of `events`.
+async fn team_routes(
+    state: &AppState,
+    events: &[Completion],
+) -> Result<HashMap<String, routing::Route>, JournalError> {
+    let mut ids: Vec<String> = events.iter().map(|e| e.function_id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    Ok(state
+        .journal
+        .destinations_for(ids)
+        .await?
+        .into_iter()
+        .map(|(f, d)| (f, d.route()))
+        .collect())
+}
+
+/// Inline destination, else the team's, else the routes (see
+/// [`routing::resolve`]).
+fn resolve(
+    config: &Config,
+    team: &HashMap<String, routing::Route>,
+    event: &Completion,
+    dt: DestinationType,
+) -> Option<DestSpec> {
     let inline = match dt {
         DestinationType::Success => event.success.clone(),
         DestinationType::Failure => event.failure.clone(),
@@ -590,6 +625,7 @@ fn resolve(config: &Config, event: &Completion, dt: DestinationType) -> Option<D
     routing::resolve(
         &config.routes,
         inline,
+        team.get(&event.function_id),
         &event.function_id,
         &event.application_id,
         dt,
@@ -735,7 +771,13 @@ async fn watch_invocation(
         req.opc_request_id.clone(),
         deadline_ms,
     );
-    if let Some(dest) = resolve(&config, &event, DestinationType::Failure)
+    let team = team_routes(&state, std::slice::from_ref(&event))
+        .await
+        .map_err(|e| {
+            state.log_error("cannot read the functions' destinations", &e);
+            ApiError::Unavailable("journal read failed; retry later")
+        })?;
+    if let Some(dest) = resolve(&config, &team, &event, DestinationType::Failure)
         && let Some((kind, id)) = dest.target()
         && !allowed(&config, &event, kind.table(), id)
     {
@@ -790,10 +832,11 @@ pub(crate) async fn journal_made_records(
     let config = state.config();
     let accepted_at = OffsetDateTime::now_utc();
     let accepted_ms = (accepted_at.unix_timestamp_nanos() / 1_000_000) as i64;
+    let team = team_routes(state, &events).await?;
     let mut records = Vec::new();
     let mut index = Vec::new();
     for (i, event) in events.iter().enumerate() {
-        let dest = resolve(&config, event, DestinationType::Failure);
+        let dest = resolve(&config, &team, event, DestinationType::Failure);
         if let Some((kind, id)) = dest.as_ref().and_then(DestSpec::target)
             && !allowed(&config, event, kind.table(), id)
         {
@@ -839,6 +882,206 @@ pub(crate) async fn journal_made_records(
         out[i] = Some(a);
     }
     Ok(out)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct DestinationsBody {
+    compartment_id: String,
+    #[serde(default)]
+    success: Option<DestSpec>,
+    #[serde(default)]
+    failure: Option<DestSpec>,
+}
+
+fn destinations_json(d: &crate::journal::FunctionDestinations) -> serde_json::Value {
+    json!({
+        "functionId": d.function_id,
+        "compartmentId": d.compartment_id,
+        "success": d.success,
+        "failure": d.failure,
+        "updatedAt": crate::journal::ms_to_rfc3339(d.updated_at_ms),
+        "updatedBy": d.updated_by,
+    })
+}
+
+/// `PUT /v1/functions/{functionId}/destinations` (destinations scope): the
+/// OCI shape; validated like inline destinations (defined resource, kind,
+/// policy for the compartment); effective for every record accepted after
+/// it returns, on every replica.
+async fn put_destinations(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::extract::Path(function_id): axum::extract::Path<String>,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let caller = authorize(&state, &headers, Scope::Destinations)?;
+    require_json(&headers)?;
+    let config = state.config();
+    let (body, _budget) = read_body(&state, &headers, body, config.server.max_body_bytes).await?;
+    let req: DestinationsBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(vec![FieldError::new("body", e.to_string())]))?;
+    let mut bad = Vec::new();
+    let max_id = config.server.max_id_bytes;
+    for (field, value) in [
+        ("functionId", &function_id),
+        ("compartmentId", &req.compartment_id),
+    ] {
+        if value.trim().is_empty() || value.trim() != value || value.len() > max_id {
+            bad.push(FieldError::new(
+                field,
+                format!(
+                    "must be a non-empty id of at most {max_id} bytes without surrounding spaces"
+                ),
+            ));
+        }
+    }
+    if req.success.is_none() && req.failure.is_none() {
+        bad.push(FieldError::new(
+            "success",
+            "give `success`, `failure` or both (DELETE removes a function's destinations)",
+        ));
+    }
+    let mut forbidden = Vec::new();
+    // The policy is checked for the compartment; a rule that names
+    // applications cannot cover a function's destinations.
+    let probe = crate::watchdog::timeout_event("", &function_id, "", &req.compartment_id, None, 0);
+    for (side, dest) in [("success", &req.success), ("failure", &req.failure)] {
+        let Some(dest) = dest else { continue };
+        if let Err(reason) = config.check_dest(dest) {
+            let field = dest.target().map_or("kind", |(k, _)| k.id_field());
+            bad.push(FieldError::new(format!("{side}.{field}"), reason));
+        } else if let Some((kind, id)) = dest.target()
+            && !allowed(&config, &probe, kind.table(), id)
+        {
+            forbidden.push(FieldError::new(
+                format!("{side}.{}", kind.id_field()),
+                format!(
+                    "compartment `{}` may not use {}.{id} (no [[policy.allow]] rule permits it)",
+                    clip(&req.compartment_id),
+                    kind.table()
+                ),
+            ));
+        }
+    }
+    if !bad.is_empty() {
+        return Err(ApiError::BadRequest(bad));
+    }
+    if !forbidden.is_empty() {
+        return Err(ApiError::Forbidden(forbidden));
+    }
+    let new = crate::journal::FunctionDestinations {
+        function_id: function_id.clone(),
+        compartment_id: req.compartment_id,
+        success: req.success,
+        failure: req.failure,
+        updated_at_ms: now_ms(),
+        updated_by: caller.to_string(),
+    };
+    let old = state
+        .journal
+        .put_destinations(new.clone())
+        .await
+        .map_err(|e| {
+            state.log_error("cannot store a function's destinations", &e);
+            ApiError::Unavailable("journal write failed; retry later")
+        })?;
+    tracing::info!(
+        token = %caller,
+        function_id = %clip(&function_id),
+        old = %old.as_ref().map(|o| o.route()).map_or("(none)".to_string(), |r| format!("{r:?}")),
+        new = %format!("{:?}", new.route()),
+        "function destinations changed"
+    );
+    Ok(Json(destinations_json(&new)))
+}
+
+/// `GET /v1/functions/{functionId}/destinations` (destinations scope).
+async fn get_destinations(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::extract::Path(function_id): axum::extract::Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&state, &headers, Scope::Destinations)?;
+    let found = state
+        .journal
+        .destinations_for(vec![function_id.clone()])
+        .await
+        .map_err(|e| {
+            state.log_error("cannot read a function's destinations", &e);
+            ApiError::Internal
+        })?;
+    match found.get(&function_id) {
+        Some(d) => Ok(Json(destinations_json(d))),
+        None => Err(ApiError::NotFound(format!(
+            "no destinations set for function `{}`: its records follow the configuration's routes",
+            clip(&function_id)
+        ))),
+    }
+}
+
+/// `DELETE /v1/functions/{functionId}/destinations` (destinations scope):
+/// the function's records follow the configuration's routes again.
+async fn delete_destinations(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::extract::Path(function_id): axum::extract::Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let caller = authorize(&state, &headers, Scope::Destinations)?;
+    let old = state
+        .journal
+        .delete_destinations(function_id.clone())
+        .await
+        .map_err(|e| {
+            state.log_error("cannot delete a function's destinations", &e);
+            ApiError::Unavailable("journal write failed; retry later")
+        })?;
+    match old {
+        Some(old) => {
+            tracing::info!(
+                token = %caller,
+                function_id = %clip(&function_id),
+                old = %format!("{:?}", old.route()),
+                new = "(none: the configuration's routes)",
+                "function destinations changed"
+            );
+            Ok(StatusCode::NO_CONTENT)
+        }
+        None => Err(ApiError::NotFound(format!(
+            "no destinations set for function `{}`",
+            clip(&function_id)
+        ))),
+    }
+}
+
+#[derive(Deserialize)]
+struct ListFunctions {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/functions?limit=&after=` (destinations scope): functions with
+/// destinations set, by id.
+async fn list_functions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<ListFunctions>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&state, &headers, Scope::Destinations)?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let page = state
+        .journal
+        .list_destinations(q.after, limit)
+        .await
+        .map_err(|e| {
+            state.log_error("cannot list functions' destinations", &e);
+            ApiError::Internal
+        })?;
+    let next = (page.len() == limit).then(|| page.last().map(|d| d.function_id.clone()));
+    Ok(Json(json!({
+        "functions": page.iter().map(destinations_json).collect::<Vec<_>>(),
+        "next": next.flatten(),
+    })))
 }
 
 /// `GET /v1/records/{id}`: where a record is and why (admin).

@@ -88,11 +88,13 @@ pub struct RoutesConfig {
 }
 
 /// The destination of one side of an event: its inline destination, else
-/// its function's route, else its application's, else the default. Per
-/// side, the first that defines that side wins; `None` means NONE.
+/// the destinations its team set through the API (`team`), else its
+/// function's route, else its application's, else the default. Per side,
+/// the first that defines that side wins; `None` means NONE.
 pub fn resolve(
     routes: &RoutesConfig,
     inline: Option<DestSpec>,
+    team: Option<&Route>,
     function_id: &str,
     application_id: &str,
     dt: DestinationType,
@@ -102,6 +104,7 @@ pub fn resolve(
         DestinationType::Failure => route.failure.clone(),
     };
     inline
+        .or_else(|| team.and_then(side))
         .or_else(|| routes.functions.get(function_id).and_then(side))
         .or_else(|| routes.applications.get(application_id).and_then(side))
         .or_else(|| side(&routes.default))
@@ -142,17 +145,46 @@ mod tests {
         );
         let ok = DestinationType::Success;
         let failed = DestinationType::Failure;
-        assert_eq!(resolve(&routes, None, "fn", "app", ok), Some(stream("app")));
         assert_eq!(
-            resolve(&routes, None, "fn", "app", failed),
+            resolve(&routes, None, None, "fn", "app", ok),
+            Some(stream("app"))
+        );
+        assert_eq!(
+            resolve(&routes, None, None, "fn", "app", failed),
             Some(DestSpec::None)
         );
         assert_eq!(
-            resolve(&routes, None, "x", "y", failed),
+            resolve(&routes, None, None, "x", "y", failed),
             Some(stream("default-f"))
         );
         assert_eq!(
-            resolve(&routes, Some(stream("inline")), "fn", "app", ok),
+            resolve(&routes, Some(stream("inline")), None, "fn", "app", ok),
+            Some(stream("inline"))
+        );
+        // The team's API entry beats the configuration, per side; inline
+        // beats it.
+        let team = Route {
+            success: None,
+            failure: Some(stream("team")),
+        };
+        assert_eq!(
+            resolve(&routes, None, Some(&team), "fn", "app", failed),
+            Some(stream("team"))
+        );
+        assert_eq!(
+            resolve(&routes, None, Some(&team), "fn", "app", ok),
+            Some(stream("app")),
+            "a side the team did not set falls through"
+        );
+        assert_eq!(
+            resolve(
+                &routes,
+                Some(stream("inline")),
+                Some(&team),
+                "fn",
+                "app",
+                failed
+            ),
             Some(stream("inline"))
         );
     }

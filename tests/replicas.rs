@@ -395,7 +395,10 @@ async fn fnrelay_migrate_and_check_config_on_postgres() {
         );
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
-            "journal schema at version 3"
+            format!(
+                "journal schema at version {}",
+                fnrelay::journal::SCHEMA_VERSION
+            )
         );
     }
     let versions: i64 = db
@@ -405,7 +408,11 @@ async fn fnrelay_migrate_and_check_config_on_postgres() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(versions, 3, "each migration recorded once");
+    assert_eq!(
+        versions as usize,
+        fnrelay::journal::SCHEMA_VERSION,
+        "each migration recorded once"
+    );
     // check-config reads the version and changes nothing.
     let out = std::process::Command::new(binary())
         .args(["check-config", "--config", path.to_str().unwrap()])
@@ -416,7 +423,10 @@ async fn fnrelay_migrate_and_check_config_on_postgres() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("schema version 3"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!(
+        "schema version {}",
+        fnrelay::journal::SCHEMA_VERSION
+    )));
     // An unreachable database fails check-config, naming the key.
     std::fs::write(
         &path,

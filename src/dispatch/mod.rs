@@ -263,7 +263,7 @@ fn note(outcome: &str, error: Option<&DeliveryError>, duration: Duration) -> Opt
         outcome: outcome.to_string(),
         error_message: error.map(|e| e.label.as_str().to_string()),
         error: error.map(DeliveryError::full_message),
-        duration_ms: duration.as_millis() as i64,
+        duration_ms: Some(duration.as_millis() as i64),
     })
     .ok()
 }
@@ -751,7 +751,14 @@ async fn sent(
         let outcome = match result {
             Ok(()) => {
                 any_ok = true;
-                noted = note("success", None, took);
+                // A delivery at the first attempt needs no note (the
+                // lookup reads it from the row): nothing extra to write on
+                // the hot path.
+                noted = if record.attempts == 0 {
+                    None
+                } else {
+                    note("success", None, took)
+                };
                 shared
                     .metrics
                     .attempt(key.kind, &key.resource_id, "success", None);

@@ -21,7 +21,7 @@
 mod postgres;
 mod sqlite;
 
-pub use postgres::{PgJournal, check as check_postgres, migrate};
+pub use postgres::{PgJournal, SCHEMA_VERSION, check as check_postgres, migrate};
 pub(crate) use sqlite::ms_to_rfc3339;
 pub use sqlite::{SqliteJournal, check as check_sqlite, now_ms};
 
@@ -226,8 +226,10 @@ pub struct AttemptNote {
     /// The raw error text, if it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// How long the send took.
-    pub duration_ms: i64,
+    /// How long the send took (absent for a delivery at the first attempt,
+    /// which keeps no note: the record's own row says when).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<i64>,
 }
 
 /// A record as a lookup shows it.
@@ -265,6 +267,58 @@ pub struct RecordView {
 pub fn parse_notes(json: Option<&str>) -> Vec<AttemptNote> {
     json.and_then(|j| serde_json::from_str(j).ok())
         .unwrap_or_default()
+}
+
+impl RecordView {
+    /// A delivery at the first attempt keeps no note (the hot path writes
+    /// nothing extra); the lookup shows it from the record's own row.
+    pub fn with_first_delivery(mut self) -> Self {
+        if self.state == "delivered"
+            && self.recent.last().is_none_or(|n| n.outcome != "success")
+            && let Some(at_ms) = self.finished_at_ms
+        {
+            self.recent.push(AttemptNote {
+                at_ms,
+                outcome: "success".into(),
+                error_message: None,
+                error: None,
+                duration_ms: None,
+            });
+        }
+        self
+    }
+}
+
+/// Destinations a team set for one function through the API (SPEC
+/// section 12), stored in the journal so every replica uses them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FunctionDestinations {
+    /// The function.
+    pub function_id: String,
+    /// The compartment the policy was checked for.
+    pub compartment_id: String,
+    /// Where success records go (`None`: not set here; the configuration
+    /// decides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success: Option<crate::routing::DestSpec>,
+    /// Where failure records go (`None`: not set here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<crate::routing::DestSpec>,
+    /// When it was set, Unix ms.
+    pub updated_at_ms: i64,
+    /// The name of the token that set it.
+    pub updated_by: String,
+}
+
+impl FunctionDestinations {
+    /// As a route.
+    pub fn route(&self) -> crate::routing::Route {
+        crate::routing::Route {
+            success: self.success.clone(),
+            failure: self.failure.clone(),
+        }
+    }
 }
 
 /// A started invocation the lost-completion watchdog waits on (SPEC
@@ -443,6 +497,33 @@ pub trait Journal: Send + Sync + 'static {
 
     /// Forgets watches (fired, or their record exists).
     async fn unwatch(&self, fn_call_ids: Vec<String>) -> Result<(), JournalError>;
+
+    /// Sets a function's destinations (committed on return); returns the
+    /// ones it replaced.
+    async fn put_destinations(
+        &self,
+        destinations: FunctionDestinations,
+    ) -> Result<Option<FunctionDestinations>, JournalError>;
+
+    /// Removes a function's destinations; returns them.
+    async fn delete_destinations(
+        &self,
+        function_id: String,
+    ) -> Result<Option<FunctionDestinations>, JournalError>;
+
+    /// Functions with destinations, by function id after `after`.
+    async fn list_destinations(
+        &self,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<FunctionDestinations>, JournalError>;
+
+    /// The destinations set for these functions (the ingest path: answered
+    /// from memory where the journal is this process's own).
+    async fn destinations_for(
+        &self,
+        function_ids: Vec<String>,
+    ) -> Result<std::collections::HashMap<String, FunctionDestinations>, JournalError>;
 
     /// Dead letters, oldest first, after the given id.
     async fn list_dead(

@@ -34,8 +34,9 @@ use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use tokio_postgres::AsyncMessage;
 
 use super::{
-    Appended, Claimed, Conflict, DeadLetter, Journal, JournalError, Lane, Lookup, NewRecord,
-    Outcome, RecordView, Stats, Target, Watch, Watched, ms_to_rfc3339, now_ms, parse_notes,
+    Appended, Claimed, Conflict, DeadLetter, FunctionDestinations, Journal, JournalError, Lane,
+    Lookup, NewRecord, Outcome, RecordView, Stats, Target, Watch, Watched, ms_to_rfc3339, now_ms,
+    parse_notes,
 };
 use crate::config::JournalConfig;
 use crate::logging::RateLimited;
@@ -94,7 +95,15 @@ const MIGRATIONS: &[&str] = &[
         claimed_until  bigint NOT NULL DEFAULT 0
     );
     CREATE INDEX fnrelay_watches_deadline ON fnrelay_watches (deadline);",
+    // 4: destinations teams set per function through the API.
+    "CREATE TABLE fnrelay_destinations (
+        function_id text PRIMARY KEY,
+        doc         jsonb NOT NULL
+    );",
 ];
+
+/// The schema version this build creates and knows.
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
 
 /// SQL appending the note `note` (JSON text, or NULL) to `recent`, keeping
 /// at most `kept` entries.
@@ -1071,7 +1080,7 @@ impl Journal for PgJournal {
                 }
             }
         };
-        Ok(Some(view))
+        Ok(Some(view.with_first_delivery()))
     }
 
     async fn watch(&self, watch: Watch) -> Result<Watched, JournalError> {
@@ -1148,6 +1157,84 @@ impl Journal for PgJournal {
             .await
             .map_err(pg)?;
         Ok(())
+    }
+
+    async fn put_destinations(
+        &self,
+        destinations: FunctionDestinations,
+    ) -> Result<Option<FunctionDestinations>, JournalError> {
+        let doc = serde_json::to_string(&destinations).expect("serializable");
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let row = client
+            .query_one(
+                "WITH old AS (SELECT doc FROM fnrelay_destinations WHERE function_id = $1),
+                      up AS (INSERT INTO fnrelay_destinations (function_id, doc)
+                             VALUES ($1, $2::text::jsonb)
+                             ON CONFLICT (function_id) DO UPDATE SET doc = EXCLUDED.doc)
+                 SELECT (SELECT doc::text FROM old)",
+                &[&destinations.function_id, &doc],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(row
+            .get::<_, Option<&str>>(0)
+            .and_then(|d| serde_json::from_str(d).ok()))
+    }
+
+    async fn delete_destinations(
+        &self,
+        function_id: String,
+    ) -> Result<Option<FunctionDestinations>, JournalError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let row = client
+            .query_opt(
+                "DELETE FROM fnrelay_destinations WHERE function_id = $1 RETURNING doc::text",
+                &[&function_id],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(row.and_then(|r| serde_json::from_str(r.get::<_, &str>(0)).ok()))
+    }
+
+    async fn list_destinations(
+        &self,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<FunctionDestinations>, JournalError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let rows = client
+            .query(
+                "SELECT doc::text FROM fnrelay_destinations WHERE function_id > $1
+                 ORDER BY function_id LIMIT $2",
+                &[&after.unwrap_or_default(), &(limit as i64)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| serde_json::from_str(r.get::<_, &str>(0)).ok())
+            .collect())
+    }
+
+    async fn destinations_for(
+        &self,
+        function_ids: Vec<String>,
+    ) -> Result<std::collections::HashMap<String, FunctionDestinations>, JournalError> {
+        // Read at every ingest request: a change made on any replica holds
+        // for every record accepted after its PUT returned.
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let rows = client
+            .query(
+                "SELECT doc::text FROM fnrelay_destinations WHERE function_id = ANY($1)",
+                &[&function_ids],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| serde_json::from_str::<FunctionDestinations>(r.get::<_, &str>(0)).ok())
+            .map(|d| (d.function_id.clone(), d))
+            .collect())
     }
 
     async fn list_dead(

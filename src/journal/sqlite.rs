@@ -28,8 +28,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    Appended, Claimed, Conflict, DeadLetter, Journal, JournalError, Lane, Lookup, NewRecord,
-    Outcome, RecordView, Stats, Target, Watch, Watched, parse_notes,
+    Appended, Claimed, Conflict, DeadLetter, FunctionDestinations, Journal, JournalError, Lane,
+    Lookup, NewRecord, Outcome, RecordView, Stats, Target, Watch, Watched, parse_notes,
 };
 use crate::logging::RateLimited;
 use crate::record::{DestKind, DestinationType, format_timestamp};
@@ -77,6 +77,11 @@ CREATE TABLE IF NOT EXISTS watches (
     deadline       INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS watches_deadline ON watches (deadline);
+-- Destinations teams set per function through the API (JSON documents).
+CREATE TABLE IF NOT EXISTS destinations (
+    function_id TEXT PRIMARY KEY,
+    doc         TEXT NOT NULL
+);
 ";
 
 /// Appends the note `?8` (JSON, or NULL for none) to a record's kept
@@ -228,6 +233,9 @@ struct Shared {
     next_token: AtomicU64,
     /// `journal.attempts_kept`.
     attempts_kept: AtomicU64,
+    /// Every function's API destinations, as committed (this process is
+    /// the journal's only writer).
+    destinations: std::sync::RwLock<HashMap<String, FunctionDestinations>>,
     leases: Mutex<Leases>,
 }
 
@@ -433,11 +441,23 @@ impl SqliteJournal {
             );
         }
         let (pending, dead) = count(&conn)?;
+        let destinations: HashMap<String, FunctionDestinations> = {
+            let mut stmt = conn.prepare("SELECT doc FROM destinations")?;
+            let docs = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            let mut map = HashMap::new();
+            for doc in docs {
+                if let Ok(d) = serde_json::from_str::<FunctionDestinations>(&doc?) {
+                    map.insert(d.function_id.clone(), d);
+                }
+            }
+            map
+        };
         let shared = Arc::new(Shared {
             pending: AtomicU64::new(pending),
             dead: AtomicU64::new(dead),
             next_token: AtomicU64::new(1),
             attempts_kept: AtomicU64::new(10),
+            destinations: std::sync::RwLock::new(destinations),
             leases: Mutex::new(Leases::default()),
         });
         let reader = Connection::open_with_flags(
@@ -1066,7 +1086,8 @@ impl Journal for SqliteJournal {
                 error_label: r.get(12)?,
                 recent: parse_notes(r.get::<_, Option<String>>(13)?.as_deref()),
                 state,
-            }))
+            }
+            .with_first_delivery()))
         })
         .await
     }
@@ -1138,6 +1159,92 @@ impl Journal for SqliteJournal {
             Ok(((), Delta::default()))
         })
         .await
+    }
+
+    async fn put_destinations(
+        &self,
+        destinations: FunctionDestinations,
+    ) -> Result<Option<FunctionDestinations>, JournalError> {
+        let doc = serde_json::to_string(&destinations).expect("serializable");
+        let function_id = destinations.function_id.clone();
+        let old = self
+            .run(move |tx| {
+                let old: Option<String> = tx
+                    .query_row(
+                        "SELECT doc FROM destinations WHERE function_id = ?1",
+                        params![function_id],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                tx.execute(
+                    "INSERT INTO destinations (function_id, doc) VALUES (?1, ?2)
+                     ON CONFLICT (function_id) DO UPDATE SET doc = excluded.doc",
+                    params![function_id, doc],
+                )?;
+                Ok((old, Delta::default()))
+            })
+            .await?;
+        self.shared
+            .destinations
+            .write()
+            .expect("destinations lock")
+            .insert(destinations.function_id.clone(), destinations);
+        Ok(old.and_then(|d| serde_json::from_str(&d).ok()))
+    }
+
+    async fn delete_destinations(
+        &self,
+        function_id: String,
+    ) -> Result<Option<FunctionDestinations>, JournalError> {
+        let key = function_id.clone();
+        let old = self
+            .run(move |tx| {
+                let old: Option<String> = tx
+                    .query_row(
+                        "DELETE FROM destinations WHERE function_id = ?1 RETURNING doc",
+                        params![key],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                Ok((old, Delta::default()))
+            })
+            .await?;
+        self.shared
+            .destinations
+            .write()
+            .expect("destinations lock")
+            .remove(&function_id);
+        Ok(old.and_then(|d| serde_json::from_str(&d).ok()))
+    }
+
+    async fn list_destinations(
+        &self,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<FunctionDestinations>, JournalError> {
+        let all = self.shared.destinations.read().expect("destinations lock");
+        let mut out: Vec<FunctionDestinations> = all
+            .values()
+            .filter(|d| after.as_ref().is_none_or(|a| d.function_id > *a))
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| a.function_id.cmp(&b.function_id));
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    async fn destinations_for(
+        &self,
+        function_ids: Vec<String>,
+    ) -> Result<HashMap<String, FunctionDestinations>, JournalError> {
+        let all = self.shared.destinations.read().expect("destinations lock");
+        if all.is_empty() {
+            return Ok(HashMap::new());
+        }
+        Ok(function_ids
+            .into_iter()
+            .filter_map(|f| all.get(&f).cloned().map(|d| (f, d)))
+            .collect())
     }
 
     async fn list_dead(
