@@ -24,6 +24,13 @@ const ENDPOINTS: &[(&str, &str, &str, Option<&str>)] = &[
         Some("admin"),
     ),
     ("GET", "/v1/dead-letters", "", Some("admin")),
+    ("GET", "/v1/functions", "", Some("destinations")),
+    (
+        "GET",
+        "/v1/functions/f/destinations",
+        "",
+        Some("destinations"),
+    ),
     (
         "POST",
         "/v1/dead-letters/replay",
