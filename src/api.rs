@@ -289,7 +289,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/invocations", post(watch_invocation))
         .route("/v1/functions", get(list_functions))
         .route(
-            "/v1/functions/{function_id}/destinations",
+            "/v1/functions/{functionId}/destinations",
             get(get_destinations)
                 .put(put_destinations)
                 .delete(delete_destinations),
@@ -299,6 +299,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .route("/openapi.json", get(openapi))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             limit_requests,
@@ -1279,6 +1280,13 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resp
         state.metrics.encode(),
     )
         .into_response()
+}
+
+/// The OpenAPI 3.1 document of this API (docs/openapi.json, built in).
+pub const OPENAPI: &str = include_str!("../docs/openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
