@@ -443,9 +443,49 @@ pub struct Resource {
     /// Records per send (default per backend, capped by the service's limit).
     #[serde(default)]
     pub max_batch: Option<usize>,
+    /// `oci` (the record of SPEC section 3, the default) or `cloudevents`.
+    #[serde(default)]
+    pub format: RecordFormat,
+    /// With `format = "cloudevents"`: `structured` (the default) or
+    /// `binary` (webhook, amqp, nats, nats-jetstream only).
+    #[serde(default)]
+    pub cloudevents_mode: Option<CloudEventsMode>,
     /// The backend and its keys (unknown keys are refused there).
     #[serde(flatten)]
     pub backend: ResourceConfig,
+}
+
+/// How records are written to a resource.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordFormat {
+    /// SPEC section 3.
+    #[default]
+    Oci,
+    /// CloudEvents 1.0 with the record as data.
+    Cloudevents,
+}
+
+/// CloudEvents content mode.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CloudEventsMode {
+    /// The whole event in the body.
+    Structured,
+    /// The record in the body, attributes in headers.
+    Binary,
+}
+
+impl Resource {
+    /// The encoding of its records.
+    pub fn encoding(&self) -> crate::destination::cloudevents::Encoding {
+        use crate::destination::cloudevents::Encoding;
+        match (self.format, self.cloudevents_mode) {
+            (RecordFormat::Oci, _) => Encoding::Oci,
+            (RecordFormat::Cloudevents, Some(CloudEventsMode::Binary)) => Encoding::Binary,
+            (RecordFormat::Cloudevents, _) => Encoding::Structured,
+        }
+    }
 }
 
 /// A lane's effective limits.
@@ -1202,6 +1242,27 @@ impl Config {
                 let prefix = format!("{table}.{}", quote_key(id));
                 for (key, reason) in resource.validate_lane() {
                     bad(&format!("{prefix}.{key}"), reason);
+                }
+                match (resource.format, resource.cloudevents_mode) {
+                    (RecordFormat::Oci, Some(_)) => bad(
+                        &format!("{prefix}.cloudevents_mode"),
+                        "only with format = \"cloudevents\"".into(),
+                    ),
+                    (RecordFormat::Cloudevents, Some(CloudEventsMode::Binary))
+                        if !matches!(
+                            resource.backend.backend(),
+                            "webhook" | "amqp" | "nats" | "nats-jetstream"
+                        ) =>
+                    {
+                        bad(
+                            &format!("{prefix}.cloudevents_mode"),
+                            format!(
+                                "binary mode needs message headers: webhook, amqp, nats or nats-jetstream, not `{}`; use structured",
+                                resource.backend.backend()
+                            ),
+                        )
+                    }
+                    _ => {}
                 }
                 let resource = &resource.backend;
                 if !resource.serves(kind) {

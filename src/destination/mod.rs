@@ -8,6 +8,7 @@
 //! record id (and pass that id on wherever the destination has a dedup key).
 
 pub mod amqp;
+pub mod cloudevents;
 pub mod file;
 pub mod http;
 pub mod mqtt;
@@ -54,6 +55,11 @@ pub struct OutgoingRecord {
     pub body: Bytes,
     /// Attempt number of this send, starting at 1.
     pub attempt: u32,
+    /// The body's media type: `application/json`, or
+    /// `application/cloudevents+json` for a structured CloudEvent.
+    pub content_type: &'static str,
+    /// CloudEvents attributes to send as headers (binary mode).
+    pub cloudevent: Option<cloudevents::Attributes>,
 }
 
 /// A configured destination resource. Object-safe; held as `Arc<dyn Destination>`.
@@ -114,6 +120,8 @@ pub type ResourceKey = (DestKind, String);
 #[derive(Clone, Default)]
 pub struct Registry {
     map: HashMap<ResourceKey, (Arc<dyn Destination>, LaneLimits)>,
+    /// How each resource's records are written.
+    encodings: HashMap<ResourceKey, cloudevents::Encoding>,
     /// The configured routes naming each resource.
     uses: HashMap<ResourceKey, Vec<RouteUse>>,
 }
@@ -205,8 +213,10 @@ impl Registry {
     /// Builds every resource of a validated config.
     pub fn build(config: &Config) -> Result<Self, BuildError> {
         let mut map = HashMap::new();
+        let mut encodings = HashMap::new();
         for (table, kind, resources) in config.resource_tables() {
             for (id, resource) in resources {
+                encodings.insert((kind, id.clone()), resource.encoding());
                 let lane = resource.lane();
                 let built = resource.backend.backend_config().build(id);
                 let destination = built.map_err(|source| BuildError {
@@ -245,7 +255,11 @@ impl Registry {
                 }
             }
         }
-        Ok(Self { map, uses })
+        Ok(Self {
+            map,
+            uses,
+            encodings,
+        })
     }
 
     /// The destination serving a resource.
@@ -296,6 +310,11 @@ impl Registry {
         }
         failed.sort_by(|a, b| a.0.cmp(&b.0));
         failed
+    }
+
+    /// How a resource's records are written.
+    pub fn encoding(&self, key: &ResourceKey) -> cloudevents::Encoding {
+        self.encodings.get(key).copied().unwrap_or_default()
     }
 
     /// All resources with their lane limits.

@@ -68,6 +68,9 @@ pub struct Parts {
 /// batch in flight keeps the destination it was claimed for).
 #[derive(Clone)]
 struct LaneConf {
+    /// How the resource's records are written (the record, or a
+    /// CloudEvent).
+    encoding: crate::destination::cloudevents::Encoding,
     /// `None`: the resource is no longer configured; after
     /// `delivery.removed_resource_grace` its records are dead-lettered as
     /// `not_found`.
@@ -96,8 +99,16 @@ impl LaneState {
 
     /// A reload: the resource is (still, again) configured as `destination`
     /// with `limits`, or has left the configuration (`None`).
-    fn reconfigure(&self, destination: Option<Arc<dyn Destination>>, limits: Option<LaneLimits>) {
+    fn reconfigure(
+        &self,
+        destination: Option<Arc<dyn Destination>>,
+        limits: Option<LaneLimits>,
+        encoding: Option<crate::destination::cloudevents::Encoding>,
+    ) {
         let mut conf = self.conf.write().expect("lane conf lock");
+        if let Some(encoding) = encoding {
+            conf.encoding = encoding;
+        }
         if let Some(limits) = limits {
             crate::reload::resize(
                 &self.slots,
@@ -174,12 +185,20 @@ impl Dispatcher {
                     resource_id: id.clone(),
                 };
                 configured.insert(key.clone());
+                let encoding = registry.encoding(&(*kind, id.clone()));
                 match lanes.get(&key) {
-                    Some(state) => state.reconfigure(Some(destination.clone()), Some(limits)),
+                    Some(state) => {
+                        state.reconfigure(Some(destination.clone()), Some(limits), Some(encoding))
+                    }
                     None => {
                         shared.metrics.lane_added(*kind, id);
-                        let state =
-                            new_lane(key.clone(), Some(destination.clone()), limits, &policy);
+                        let state = new_lane(
+                            key.clone(),
+                            Some(destination.clone()),
+                            limits,
+                            encoding,
+                            &policy,
+                        );
                         lanes.insert(key, state.clone());
                         self.tracker.spawn(lane_loop(
                             state,
@@ -200,7 +219,7 @@ impl Dispatcher {
                         grace = %humantime::format_duration(policy.removed_resource_grace),
                         "resource left the configuration: its pending records wait for it to come back, then are dead-lettered as not_found"
                     );
-                    state.reconfigure(None, None);
+                    state.reconfigure(None, None, None);
                 }
             }
         }
@@ -235,7 +254,7 @@ async fn adopt_orphans(
             concurrency: 1,
             max_batch: 512,
         };
-        let state = new_lane(lane.clone(), None, limits, &policy);
+        let state = new_lane(lane.clone(), None, limits, Default::default(), &policy);
         lanes.insert(lane, state.clone());
         tracker.spawn(lane_loop(
             state,
@@ -296,9 +315,10 @@ pub fn start(parts: Parts, tracker: &TaskTracker, cancel: CancellationToken) -> 
             kind: *kind,
             resource_id: id.clone(),
         };
+        let encoding = registry.encoding(&(*kind, id.clone()));
         lanes.insert(
             lane.clone(),
-            new_lane(lane, Some(destination.clone()), limits, &policy),
+            new_lane(lane, Some(destination.clone()), limits, encoding, &policy),
         );
     }
     let lanes: Lanes = Arc::new(RwLock::new(lanes));
@@ -338,12 +358,14 @@ fn new_lane(
     lane: Lane,
     destination: Option<Arc<dyn Destination>>,
     limits: LaneLimits,
+    encoding: crate::destination::cloudevents::Encoding,
     policy: &DeliveryConfig,
 ) -> Arc<LaneState> {
     let removed_at = destination.is_none().then(tokio::time::Instant::now);
     Arc::new(LaneState {
         lane,
         conf: RwLock::new(LaneConf {
+            encoding,
             destination,
             limits,
             removed_at,
@@ -503,6 +525,7 @@ async fn lane_loop(
             shared.clone(),
             Round {
                 destination: conf.destination,
+                encoding: conf.encoding,
                 policy,
             },
             claimed,
@@ -567,6 +590,7 @@ fn dead(record: &Claimed, attempts: u32, e: DeliveryError) -> Outcome {
 /// The configuration a batch was claimed under, which it finishes on.
 struct Round {
     destination: Option<Arc<dyn Destination>>,
+    encoding: crate::destination::cloudevents::Encoding,
     policy: Arc<DeliveryConfig>,
 }
 
@@ -606,7 +630,7 @@ async fn send_batch(
             sent(
                 &lane,
                 &shared,
-                policy,
+                &round,
                 destination,
                 to_send,
                 probe,
@@ -649,27 +673,40 @@ async fn send_batch(
 async fn sent(
     lane: &LaneState,
     shared: &Shared,
-    policy: &DeliveryConfig,
+    round: &Round,
     destination: &Arc<dyn Destination>,
     batch: Vec<Claimed>,
     probe: bool,
     outcomes: &mut Vec<Settled>,
 ) {
+    let (policy, encoding) = (&*round.policy, round.encoding);
     let key = &lane.lane;
     let mut batch = batch;
     let outgoing: Vec<OutgoingRecord> = batch
         .iter_mut()
-        .map(|r| OutgoingRecord {
-            id: r.id.clone(),
-            fn_call_id: r.fn_call_id.clone(),
-            function_id: r.function_id.clone(),
-            destination_type: r.destination_type,
-            kind: r.target.kind,
-            resource_id: r.target.resource_id.clone(),
-            channel_id: r.target.channel_id.clone(),
+        .map(|r| {
             // The body is not needed after the send: move it.
-            body: Bytes::from(std::mem::take(&mut r.body)),
-            attempt: r.attempts + 1,
+            let (body, content_type, cloudevent) = crate::destination::cloudevents::encode(
+                encoding,
+                &r.id,
+                &r.function_id,
+                &r.fn_call_id,
+                r.destination_type,
+                Bytes::from(std::mem::take(&mut r.body)),
+            );
+            OutgoingRecord {
+                id: r.id.clone(),
+                fn_call_id: r.fn_call_id.clone(),
+                function_id: r.function_id.clone(),
+                destination_type: r.destination_type,
+                kind: r.target.kind,
+                resource_id: r.target.resource_id.clone(),
+                channel_id: r.target.channel_id.clone(),
+                body,
+                attempt: r.attempts + 1,
+                content_type,
+                cloudevent,
+            }
         })
         .collect();
     let started = tokio::time::Instant::now();

@@ -43,6 +43,18 @@ pub fn properties(routing: &Routing, record: &OutgoingRecord) -> BasicProperties
         ShortString::from("destination-type"),
         AMQPValue::LongString(record.destination_type.as_str().into()),
     );
+    // CloudEvents binary mode: the attributes as `cloudEvents:`
+    // application properties (the AMQP binding).
+    if let Some(ce) = &record.cloudevent {
+        for (name, value) in ce.pairs() {
+            if name != "datacontenttype" {
+                headers.insert(
+                    ShortString::from(format!("cloudEvents:{name}")),
+                    AMQPValue::LongString(value.as_str().into()),
+                );
+            }
+        }
+    }
     if let (false, Some(channel)) = (routing.channel_in_key(), &record.channel_id) {
         headers.insert(
             ShortString::from("channel-id"),
@@ -51,7 +63,7 @@ pub fn properties(routing: &Routing, record: &OutgoingRecord) -> BasicProperties
     }
     BasicProperties::default()
         .with_message_id(record.id.as_str().into())
-        .with_content_type("application/json".into())
+        .with_content_type(record.content_type.into())
         .with_delivery_mode(2)
         .with_headers(headers)
 }
@@ -72,6 +84,8 @@ mod tests {
             channel_id: channel.map(str::to_string),
             body: bytes::Bytes::from_static(b"{}"),
             attempt: 1,
+            content_type: "application/json",
+            cloudevent: None,
         }
     }
 

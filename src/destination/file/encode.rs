@@ -33,6 +33,8 @@ mod tests {
             channel_id: None,
             body: bytes::Bytes::from_static(br#"{"id":"I"}"#),
             attempt: 1,
+            content_type: "application/json",
+            cloudevent: None,
         };
         assert_eq!(line(&record), b"{\"id\":\"I\"}\n");
     }

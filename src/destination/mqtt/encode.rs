@@ -29,6 +29,8 @@ mod tests {
             channel_id: None,
             body: bytes::Bytes::new(),
             attempt: 1,
+            content_type: "application/json",
+            cloudevent: None,
         };
         assert_eq!(
             topic("fn/{functionId}/done", &record),

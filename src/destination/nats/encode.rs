@@ -9,6 +9,14 @@ pub fn headers(record: &OutgoingRecord) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert("Nats-Msg-Id", record.id.as_str());
     h.insert("Fnrelay-Key", record.function_id.as_str());
-    h.insert("Content-Type", "application/json");
+    h.insert("Content-Type", record.content_type);
+    // CloudEvents binary mode: the attributes as `ce-` headers.
+    if let Some(ce) = &record.cloudevent {
+        for (name, value) in ce.pairs() {
+            if name != "datacontenttype" {
+                h.insert(format!("ce-{name}").as_str(), value.as_str());
+            }
+        }
+    }
     h
 }

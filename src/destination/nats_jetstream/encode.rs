@@ -9,9 +9,18 @@ pub const KEY_HEADER: &str = "Fnrelay-Key";
 
 /// `Nats-Msg-Id` = record id (server dedup), key header, JSON payload.
 pub fn publish(record: &OutgoingRecord) -> PublishMessage {
-    PublishMessage::build()
+    let mut message = PublishMessage::build()
         .payload(record.body.clone())
         .message_id(&record.id)
         .header(KEY_HEADER, record.function_id.as_str())
-        .header("Content-Type", "application/json")
+        .header("Content-Type", record.content_type);
+    // CloudEvents binary mode: the attributes as `ce-` headers.
+    if let Some(ce) = &record.cloudevent {
+        for (name, value) in ce.pairs() {
+            if name != "datacontenttype" {
+                message = message.header(format!("ce-{name}").as_str(), value.as_str());
+            }
+        }
+    }
+    message
 }

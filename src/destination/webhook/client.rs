@@ -82,9 +82,17 @@ impl Client {
         let mut request = self
             .http
             .post(self.url.clone())
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header(CONTENT_TYPE, HeaderValue::from_static(record.content_type))
             .header("webhook-id", &record.id)
             .header("webhook-timestamp", now.to_string());
+        // CloudEvents binary mode: the attributes as `ce-` headers.
+        if let Some(ce) = &record.cloudevent {
+            for (name, value) in ce.pairs() {
+                if name != "datacontenttype" {
+                    request = request.header(format!("ce-{name}"), value);
+                }
+            }
+        }
         if let Some(secret) = &self.secret {
             request = request.header(
                 "webhook-signature",
