@@ -38,6 +38,20 @@ const ENDPOINTS: &[(&str, &str, &str, Option<&str>)] = &[
         Some("admin"),
     ),
     ("POST", "/v1/admin/reload", "", Some("admin")),
+    (
+        "PUT",
+        "/v1/functions/f/destinations",
+        r#"{"compartmentId": "c", "success": {"kind": "NONE"}}"#,
+        Some("destinations"),
+    ),
+    (
+        "DELETE",
+        "/v1/functions/f/destinations",
+        "",
+        Some("destinations"),
+    ),
+    ("GET", "/v1/records/01NOSUCHRECORD", "", Some("admin")),
+    ("GET", "/openapi.json", "", None),
     ("GET", "/metrics", "", Some("metrics")),
     ("GET", "/healthz", "", None),
     ("GET", "/readyz", "", None),
@@ -96,9 +110,12 @@ success = { kind = "STREAM", streamId = "results" }
     let mut failures = Vec::new();
     for (caller, secret, scopes) in &callers {
         for (i, (method, path, body, needs)) in ENDPOINTS.iter().enumerate() {
+            let url = format!("{}{path}", d.url);
             let mut request = match *method {
-                "GET" => d.http.get(format!("{}{path}", d.url)),
-                _ => d.http.post(format!("{}{path}", d.url)),
+                "GET" => d.http.get(url),
+                "PUT" => d.http.put(url),
+                "DELETE" => d.http.delete(url),
+                _ => d.http.post(url),
             };
             if let Some(secret) = secret {
                 request = request.bearer_auth(secret);
@@ -127,11 +144,11 @@ success = { kind = "STREAM", streamId = "results" }
             let expected: &[u16] = match (needs, scopes) {
                 // The legacy token may do everything.
                 // (A record lookup may find nothing: 404 is past auth.)
-                (_, None) => &[200, 202, 404, 422],
+                (_, None) => &[200, 202, 204, 404, 422],
                 (None, _) => &[200],
                 // /metrics is open while no named token has `metrics`
                 // (here `sre` has it, so it is protected).
-                (Some(scope), Some(scopes)) if scopes.contains(scope) => &[200, 202, 404, 422],
+                (Some(scope), Some(scopes)) if scopes.contains(scope) => &[200, 202, 204, 404, 422],
                 (Some(_), _) if known => &[403],
                 (Some(_), _) => &[401],
             };
