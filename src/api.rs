@@ -895,6 +895,11 @@ struct DestinationsBody {
     failure: Option<DestSpec>,
 }
 
+/// A function's two sides as JSON, for logs.
+fn sides_json(d: &crate::journal::FunctionDestinations) -> String {
+    json!({"success": d.success, "failure": d.failure}).to_string()
+}
+
 fn destinations_json(d: &crate::journal::FunctionDestinations) -> serde_json::Value {
     json!({
         "functionId": d.function_id,
@@ -990,8 +995,8 @@ async fn put_destinations(
     tracing::info!(
         token = %caller,
         function_id = %clip(&function_id),
-        old = %old.as_ref().map(|o| o.route()).map_or("(none)".to_string(), |r| format!("{r:?}")),
-        new = %format!("{:?}", new.route()),
+        old = %old.as_ref().map_or("(none)".to_string(), sides_json),
+        new = %sides_json(&new),
         "function destinations changed"
     );
     Ok(Json(destinations_json(&new)))
@@ -1042,7 +1047,7 @@ async fn delete_destinations(
             tracing::info!(
                 token = %caller,
                 function_id = %clip(&function_id),
-                old = %format!("{:?}", old.route()),
+                old = %sides_json(&old),
                 new = "(none: the configuration's routes)",
                 "function destinations changed"
             );
