@@ -308,3 +308,48 @@ async fn a_removed_resource_keeps_its_records_through_the_grace_period() {
     assert_eq!(assert_conserved(&text), 14.0);
     stop(p).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_reloaded_with_the_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.token"), "secret-a\n").unwrap();
+    std::fs::write(dir.path().join("b.token"), "secret-b\n").unwrap();
+    let with = |file: &str| {
+        format!(
+            "{FILES}\n[[server.tokens]]\nname = \"sre\"\nfile = \"{file}\"\nscopes = [\"admin\"]\n"
+        )
+    };
+    let p = spawn(dir.path(), &with("a.token"), free_port()).await;
+    let http = reqwest::Client::new();
+    let dead_letters = |token: &'static str| {
+        let (http, url) = (http.clone(), p.url.clone());
+        async move {
+            http.get(format!("{url}/v1/dead-letters"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(dead_letters("secret-a").await, 200);
+    assert_eq!(dead_letters("secret-b").await, 401);
+    // The token's file changes in the configuration; the reload is asked
+    // for with the old token and applies the new one.
+    rewrite(dir.path(), &with("b.token"));
+    let r = http
+        .post(format!("{}/v1/admin/reload", p.url))
+        .bearer_auth("secret-a")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(dead_letters("secret-a").await, 401, "the old token is gone");
+    assert_eq!(dead_letters("secret-b").await, 200, "the new one works");
+    assert!(
+        !p.log_lines("POST /v1/admin/reload by sre").is_empty(),
+        "the reload names the token"
+    );
+    stop(p).await;
+}
