@@ -509,17 +509,7 @@ async fn ingest(
 
     let accepted_at = OffsetDateTime::now_utc();
     let accepted_ms = (accepted_at.unix_timestamp_nanos() / 1_000_000) as i64;
-    let ids: Vec<String> = {
-        let mut generator = state.ulids.lock().expect("ulid lock");
-        let at = SystemTime::now();
-        events
-            .iter()
-            .map(|_| match generator.generate_from_datetime(at) {
-                Ok(id) => id.to_string(),
-                Err(overflow) => overflow.commit_overflow_random().to_string(),
-            })
-            .collect()
-    };
+    let ids = new_ids(&state, events.len());
     let records: Vec<NewRecord> = events
         .iter()
         .zip(routed.iter())
@@ -530,13 +520,7 @@ async fn ingest(
             fn_call_id: event.fn_call_id.clone(),
             function_id: event.function_id.clone(),
             destination_type: *dt,
-            target: dest.as_ref().and_then(|d| {
-                d.target().map(|(kind, resource)| Target {
-                    kind,
-                    resource_id: resource.to_string(),
-                    channel_id: d.channel().map(str::to_string),
-                })
-            }),
+            target: target_of(dest.as_ref()),
             accepted_at_ms: accepted_ms,
             digest: record::digest(event),
         })
@@ -592,6 +576,30 @@ async fn ingest(
         StatusCode::ACCEPTED,
         Json(json!({"accepted": records.len(), "records": records})),
     ))
+}
+
+/// `n` record ids (ULIDs, monotonic: the ids of one batch sort in accept
+/// order).
+fn new_ids(state: &AppState, n: usize) -> Vec<String> {
+    let mut generator = state.ulids.lock().expect("ulid lock");
+    let at = SystemTime::now();
+    (0..n)
+        .map(|_| match generator.generate_from_datetime(at) {
+            Ok(id) => id.to_string(),
+            Err(overflow) => overflow.commit_overflow_random().to_string(),
+        })
+        .collect()
+}
+
+/// Where a record with destination `dest` goes (`None`: NONE, skipped).
+fn target_of(dest: Option<&DestSpec>) -> Option<Target> {
+    dest.and_then(|d| {
+        d.target().map(|(kind, resource)| Target {
+            kind,
+            resource_id: resource.to_string(),
+            channel_id: d.channel().map(str::to_string),
+        })
+    })
 }
 
 /// The destinations teams set for the functions of `events`.
@@ -711,26 +719,15 @@ async fn watch_invocation(
     let (body, _budget) = read_body(&state, &headers, body, config.server.max_body_bytes).await?;
     let req: StartedInvocation = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(vec![FieldError::new("body", e.to_string())]))?;
-    let mut bad = Vec::new();
-    let max_id = config.server.max_id_bytes;
-    for (field, value) in [
-        ("fnCallId", &req.fn_call_id),
-        ("functionId", &req.function_id),
-        ("applicationId", &req.application_id),
-        ("compartmentId", &req.compartment_id),
-    ] {
-        if value.trim().is_empty() || value.trim() != value {
-            bad.push(FieldError::new(
-                field,
-                "must be a non-empty id without surrounding spaces",
-            ));
-        } else if value.len() > max_id {
-            bad.push(FieldError::new(
-                field,
-                format!("longer than {max_id} bytes (server.max_id_bytes)"),
-            ));
-        }
-    }
+    let mut bad = record::check_ids(
+        &[
+            ("fnCallId", &req.fn_call_id),
+            ("functionId", &req.function_id),
+            ("applicationId", &req.application_id),
+            ("compartmentId", &req.compartment_id),
+        ],
+        config.server.max_id_bytes,
+    );
     let now = now_ms();
     let deadline_ms = match OffsetDateTime::parse(
         &req.deadline,
@@ -844,26 +841,14 @@ pub(crate) async fn journal_made_records(
             tracing::error!(fn_call_id = %clip(&event.fn_call_id), destination = %format!("{}.{id}", kind.table()), "watchdog: the policy no longer lets this compartment use its failure destination; no record made");
             continue;
         }
-        let id = {
-            let mut generator = state.ulids.lock().expect("ulid lock");
-            match generator.generate_from_datetime(SystemTime::now()) {
-                Ok(id) => id.to_string(),
-                Err(overflow) => overflow.commit_overflow_random().to_string(),
-            }
-        };
+        let id = new_ids(state, 1).remove(0);
         records.push(NewRecord {
             body: build_record(&id, event, accepted_at),
             id,
             fn_call_id: event.fn_call_id.clone(),
             function_id: event.function_id.clone(),
             destination_type: DestinationType::Failure,
-            target: dest.as_ref().and_then(|d| {
-                d.target().map(|(kind, resource)| Target {
-                    kind,
-                    resource_id: resource.to_string(),
-                    channel_id: d.channel().map(str::to_string),
-                })
-            }),
+            target: target_of(dest.as_ref()),
             accepted_at_ms: accepted_ms,
             digest: Vec::new(),
         });
@@ -927,21 +912,13 @@ async fn put_destinations(
     let (body, _budget) = read_body(&state, &headers, body, config.server.max_body_bytes).await?;
     let req: DestinationsBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(vec![FieldError::new("body", e.to_string())]))?;
-    let mut bad = Vec::new();
-    let max_id = config.server.max_id_bytes;
-    for (field, value) in [
-        ("functionId", &function_id),
-        ("compartmentId", &req.compartment_id),
-    ] {
-        if value.trim().is_empty() || value.trim() != value || value.len() > max_id {
-            bad.push(FieldError::new(
-                field,
-                format!(
-                    "must be a non-empty id of at most {max_id} bytes without surrounding spaces"
-                ),
-            ));
-        }
-    }
+    let mut bad = record::check_ids(
+        &[
+            ("functionId", &function_id),
+            ("compartmentId", &req.compartment_id),
+        ],
+        config.server.max_id_bytes,
+    );
     if req.success.is_none() && req.failure.is_none() {
         bad.push(FieldError::new(
             "success",

@@ -670,6 +670,26 @@ fn parse_event(value: Value, prefix: &str, limits: &Limits) -> Result<Completion
     })
 }
 
+/// Every problem of the ids of a request other than an event
+/// (`POST /v1/invocations`, a function's destinations): the rules of an
+/// event's ids, and at most `max_bytes`.
+pub fn check_ids(ids: &[(&str, &str)], max_bytes: usize) -> Vec<FieldError> {
+    ids.iter()
+        .filter_map(|(field, value)| {
+            let problem = if value.is_empty() {
+                Some("must not be empty".to_string())
+            } else if value.len() > max_bytes {
+                Some(format!(
+                    "longer than {max_bytes} bytes (server.max_id_bytes)"
+                ))
+            } else {
+                id_problem(value)
+            };
+            problem.map(|p| FieldError::new(*field, p))
+        })
+        .collect()
+}
+
 /// Why an id (fnCallId, functionId, a destination id, ...) is refused:
 /// control characters, or white space at either end.
 fn id_problem(s: &str) -> Option<String> {

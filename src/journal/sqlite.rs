@@ -1165,31 +1165,25 @@ impl Journal for SqliteJournal {
         &self,
         destinations: FunctionDestinations,
     ) -> Result<Option<FunctionDestinations>, JournalError> {
+        // The map holds what is committed (this process is the only
+        // writer), so the old entry comes from it, not from a read.
         let doc = serde_json::to_string(&destinations).expect("serializable");
         let function_id = destinations.function_id.clone();
-        let old = self
-            .run(move |tx| {
-                let old: Option<String> = tx
-                    .query_row(
-                        "SELECT doc FROM destinations WHERE function_id = ?1",
-                        params![function_id],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
-                tx.execute(
-                    "INSERT INTO destinations (function_id, doc) VALUES (?1, ?2)
-                     ON CONFLICT (function_id) DO UPDATE SET doc = excluded.doc",
-                    params![function_id, doc],
-                )?;
-                Ok((old, Delta::default()))
-            })
-            .await?;
-        self.shared
+        self.run(move |tx| {
+            tx.execute(
+                "INSERT INTO destinations (function_id, doc) VALUES (?1, ?2)
+                 ON CONFLICT (function_id) DO UPDATE SET doc = excluded.doc",
+                params![function_id, doc],
+            )?;
+            Ok(((), Delta::default()))
+        })
+        .await?;
+        Ok(self
+            .shared
             .destinations
             .write()
             .expect("destinations lock")
-            .insert(destinations.function_id.clone(), destinations);
-        Ok(old.and_then(|d| serde_json::from_str(&d).ok()))
+            .insert(destinations.function_id.clone(), destinations))
     }
 
     async fn delete_destinations(
@@ -1197,24 +1191,20 @@ impl Journal for SqliteJournal {
         function_id: String,
     ) -> Result<Option<FunctionDestinations>, JournalError> {
         let key = function_id.clone();
-        let old = self
-            .run(move |tx| {
-                let old: Option<String> = tx
-                    .query_row(
-                        "DELETE FROM destinations WHERE function_id = ?1 RETURNING doc",
-                        params![key],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
-                Ok((old, Delta::default()))
-            })
-            .await?;
-        self.shared
+        self.run(move |tx| {
+            tx.execute(
+                "DELETE FROM destinations WHERE function_id = ?1",
+                params![key],
+            )?;
+            Ok(((), Delta::default()))
+        })
+        .await?;
+        Ok(self
+            .shared
             .destinations
             .write()
             .expect("destinations lock")
-            .remove(&function_id);
-        Ok(old.and_then(|d| serde_json::from_str(&d).ok()))
+            .remove(&function_id))
     }
 
     async fn list_destinations(
