@@ -563,6 +563,68 @@ async fn a_schema_newer_than_this_build_is_refused() {
     db.drop_db().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrading_from_schema_4_keeps_what_lookups_show_of_delivered_records() {
+    let db = TestDb::create().await;
+    // Schema 4 kept a delivered record's summary in its fnrelay_accepted row.
+    fnrelay::journal::migrate_to(&db.journal(), 4)
+        .await
+        .unwrap();
+    db.client()
+        .await
+        .batch_execute(
+            r#"INSERT INTO fnrelay_accepted (fn_call_id, id, digest, accepted_at, done_at, summary)
+               VALUES ('old-delivered', 'D', NULL, 1000, 2000,
+                       '{"functionId": "f", "destinationType": "Success", "kind": "QUEUE",
+                         "resourceId": "q", "channelId": "c", "attempts": 2,
+                         "recent": [{"atMs": 1500, "outcome": "retry",
+                                     "errorMessage": "server_error", "error": "HTTP 503"}]}'),
+                      ('old-skipped', 'S', NULL, 1000, 1000, NULL)"#,
+        )
+        .await
+        .unwrap();
+    // Opening migrates to this build's schema.
+    let j = PgJournal::open(&db.journal(), Arc::new(Notify::new()))
+        .await
+        .unwrap();
+    let d = j
+        .lookup(Lookup::FnCallId("old-delivered".into()))
+        .await
+        .unwrap()
+        .expect("the delivered record is still found");
+    assert_eq!(
+        (d.id.as_str(), d.state.as_str(), d.attempts),
+        ("D", "delivered", 2)
+    );
+    assert_eq!(
+        d.target,
+        Some(Target {
+            kind: DestKind::Queue,
+            resource_id: "q".into(),
+            channel_id: Some("c".into()),
+        })
+    );
+    assert_eq!((d.accepted_at_ms, d.finished_at_ms), (1000, Some(2000)));
+    assert_eq!(d.destination_type.as_deref(), Some("Success"));
+    assert_eq!(d.recent.len(), 2, "the kept retry, then the delivery");
+    assert_eq!(d.recent[0].outcome, "retry");
+    let s = j.lookup(Lookup::Id("S".into())).await.unwrap().unwrap();
+    assert_eq!(
+        (s.state.as_str(), s.fn_call_id.as_str()),
+        ("skipped", "old-skipped")
+    );
+    // The retention prunes migrated rows like new ones: the fnCallId is free.
+    assert_eq!(j.prune(5_000).await.unwrap(), 2);
+    assert!(j.lookup(Lookup::Id("D".into())).await.unwrap().is_none());
+    let again = j
+        .append(vec![record("D2", "old-delivered", 6_000, 1)])
+        .await
+        .unwrap();
+    assert_eq!((again[0].id.as_str(), again[0].existing), ("D2", false));
+    drop(j);
+    db.drop_db().await;
+}
+
 /// Debian's PostgreSQL serves TLS with the `ssl-cert` package's snakeoil
 /// certificate (CN and SAN `localhost`).
 const SNAKEOIL: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";

@@ -21,7 +21,7 @@
 mod postgres;
 mod sqlite;
 
-pub use postgres::{PgJournal, SCHEMA_VERSION, check as check_postgres, migrate};
+pub use postgres::{PgJournal, SCHEMA_VERSION, check as check_postgres, migrate, migrate_to};
 pub(crate) use sqlite::ms_to_rfc3339;
 pub use sqlite::{SqliteJournal, check as check_sqlite, now_ms};
 

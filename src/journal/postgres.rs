@@ -4,9 +4,11 @@
 //! Tables (created and migrated by [`migrate`] under an advisory lock):
 //!
 //! - `fnrelay_accepted`: one row per fnCallId ever accepted (record id,
-//!   field digests, when it was delivered or skipped): idempotency across
-//!   replicas through its primary key, pruned after
-//!   `journal.delivered_retention`.
+//!   field digests), written once: idempotency across replicas through its
+//!   primary key, pruned with its `fnrelay_done` row.
+//! - `fnrelay_done`: what a delivered or skipped record was (destination,
+//!   attempts, recent attempts, when), for lookups; insert-only, pruned
+//!   after `journal.delivered_retention`.
 //! - `fnrelay_records`: the hot table: records waiting (`pending`) and dead
 //!   letters (`dead`). A delivered record leaves it. `due_at` is the next
 //!   attempt, and while a record is claimed, the end of its lease (pgmq's
@@ -100,6 +102,34 @@ const MIGRATIONS: &[&str] = &[
         function_id text PRIMARY KEY,
         doc         jsonb NOT NULL
     );",
+    // 5: what a delivered (or skipped) record was moves to an insert-only
+    // table: updating its `fnrelay_accepted` row wrote a new tuple and an
+    // entry in each of that table's indexes for every delivered record.
+    // `fnrelay_accepted` is now written once, at accept.
+    "CREATE TABLE fnrelay_done (
+        id               text PRIMARY KEY,
+        fn_call_id       text NOT NULL,
+        function_id      text,
+        destination_type text,
+        kind             text,
+        resource_id      text,
+        channel_id       text,
+        attempts         integer NOT NULL DEFAULT 0,
+        done_at          bigint NOT NULL,
+        recent           jsonb
+    ) WITH (autovacuum_vacuum_scale_factor = 0.05);
+    CREATE INDEX fnrelay_done_at ON fnrelay_done USING brin (done_at);
+    INSERT INTO fnrelay_done (id, fn_call_id, function_id, destination_type, kind, resource_id,
+                              channel_id, attempts, done_at, recent)
+        SELECT id, fn_call_id, summary->>'functionId', summary->>'destinationType',
+               summary->>'kind', summary->>'resourceId', summary->>'channelId',
+               coalesce((summary->>'attempts')::integer, 0), done_at,
+               nullif(summary->'recent', 'null'::jsonb)
+        FROM fnrelay_accepted WHERE done_at IS NOT NULL
+        ON CONFLICT (id) DO NOTHING;
+    DROP INDEX fnrelay_accepted_id;
+    DROP INDEX fnrelay_accepted_done;
+    ALTER TABLE fnrelay_accepted DROP COLUMN summary, DROP COLUMN done_at;",
 ];
 
 /// The schema version this build creates and knows.
@@ -114,6 +144,15 @@ fn append_note(recent: &str, note: &str, kept: &str) -> String {
               WHEN jsonb_array_length({recent}) >= {kept} THEN ({recent} - 0) || jsonb_build_array({note}::jsonb)
               ELSE {recent} || jsonb_build_array({note}::jsonb) END"
     )
+}
+
+/// A statement from the connection's cache: prepared once per connection,
+/// so the hot path sends one round trip per statement, not two.
+async fn cached(
+    c: &impl GenericClient,
+    sql: &str,
+) -> Result<tokio_postgres::Statement, JournalError> {
+    c.prepare_cached(sql).await.map_err(pg)
 }
 
 /// The advisory lock migrations run under (any constant shared by builds).
@@ -218,6 +257,13 @@ fn pg_config(config: &JournalConfig) -> Result<tokio_postgres::Config, JournalEr
 /// replicas starting together do not race. Refuses a schema newer than
 /// this build. Returns the schema version.
 pub async fn migrate(config: &JournalConfig) -> Result<usize, JournalError> {
+    migrate_to(config, MIGRATIONS.len()).await
+}
+
+/// [`migrate`], stopping at schema version `target` (at most
+/// [`SCHEMA_VERSION`]): how the upgrade tests build an older schema.
+pub async fn migrate_to(config: &JournalConfig, target: usize) -> Result<usize, JournalError> {
+    let target = target.min(MIGRATIONS.len());
     let pg_config = pg_config(config)?;
     let (mut client, connection) = pg_config.connect(tls(config)?).await.map_err(pg)?;
     let conn = tokio::spawn(connection);
@@ -246,7 +292,7 @@ pub async fn migrate(config: &JournalConfig) -> Result<usize, JournalError> {
                 known: MIGRATIONS.len(),
             });
         }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        for (i, sql) in MIGRATIONS.iter().enumerate().take(target).skip(current) {
             let version = (i + 1) as i32;
             let tx = client.transaction().await.map_err(pg)?;
             tx.batch_execute(sql).await.map_err(pg)?;
@@ -263,7 +309,7 @@ pub async fn migrate(config: &JournalConfig) -> Result<usize, JournalError> {
             .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
             .await
             .map_err(pg)?;
-        Ok(MIGRATIONS.len())
+        Ok(current.max(target))
     }
     .await;
     drop(client);
@@ -502,7 +548,7 @@ async fn commit_group(
         }
     }
     if added > 0 {
-        tx.execute("SELECT pg_notify($1, '')", &[&CHANNEL])
+        tx.execute(&cached(&tx, "SELECT pg_notify($1, '')").await?, &[&CHANNEL])
             .await
             .map_err(pg)?;
     }
@@ -520,17 +566,17 @@ async fn append_one(
     let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
     let digests: Vec<&[u8]> = records.iter().map(|r| r.digest.as_slice()).collect();
     let accepted: Vec<i64> = records.iter().map(|r| r.accepted_at_ms).collect();
-    let done: Vec<Option<i64>> = records
-        .iter()
-        .map(|r| r.target.is_none().then_some(r.accepted_at_ms))
-        .collect();
     let inserted: HashSet<String> = tx
         .query(
-            "INSERT INTO fnrelay_accepted (fn_call_id, id, digest, accepted_at, done_at)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::int8[], $5::int8[])
+            &cached(
+                tx,
+                "INSERT INTO fnrelay_accepted (fn_call_id, id, digest, accepted_at)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::int8[])
              ON CONFLICT (fn_call_id) DO NOTHING
              RETURNING fn_call_id",
-            &[&calls, &ids, &digests, &accepted, &done],
+            )
+            .await?,
+            &[&calls, &ids, &digests, &accepted],
         )
         .await
         .map_err(pg)?
@@ -554,7 +600,11 @@ async fn append_one(
             .map(|(r, _)| r.fn_call_id.as_str())
             .collect();
         tx.query(
-            "SELECT fn_call_id, id, digest FROM fnrelay_accepted WHERE fn_call_id = ANY($1)",
+            &cached(
+                tx,
+                "SELECT fn_call_id, id, digest FROM fnrelay_accepted WHERE fn_call_id = ANY($1)",
+            )
+            .await?,
             &[&others],
         )
         .await
@@ -607,6 +657,34 @@ async fn append_one(
         .filter(|(_, new)| **new)
         .filter_map(|(r, _)| r.target.as_ref().map(|t| (r, t)))
         .collect();
+    // Records without a destination are done as they are accepted.
+    let skipped: Vec<&NewRecord> = records
+        .iter()
+        .zip(&is_new)
+        .filter(|(r, new)| **new && r.target.is_none())
+        .map(|(r, _)| r)
+        .collect();
+    if !skipped.is_empty() {
+        let ids: Vec<&str> = skipped.iter().map(|r| r.id.as_str()).collect();
+        let calls: Vec<&str> = skipped.iter().map(|r| r.fn_call_id.as_str()).collect();
+        let functions: Vec<&str> = skipped.iter().map(|r| r.function_id.as_str()).collect();
+        let types: Vec<&str> = skipped
+            .iter()
+            .map(|r| r.destination_type.as_str())
+            .collect();
+        let at: Vec<i64> = skipped.iter().map(|r| r.accepted_at_ms).collect();
+        tx.execute(
+            &cached(
+                tx,
+                "INSERT INTO fnrelay_done (id, fn_call_id, function_id, destination_type, done_at)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[])",
+            )
+            .await?,
+            &[&ids, &calls, &functions, &types, &at],
+        )
+        .await
+        .map_err(pg)?;
+    }
     if !fresh.is_empty() {
         let col = |f: &dyn Fn(&NewRecord, &Target) -> String| -> Vec<String> {
             fresh.iter().map(|(r, t)| f(r, t)).collect()
@@ -622,12 +700,16 @@ async fn append_one(
         let bodies: Vec<&str> = fresh.iter().map(|(r, _)| r.body.as_str()).collect();
         let at: Vec<i64> = fresh.iter().map(|(r, _)| r.accepted_at_ms).collect();
         tx.execute(
-            "INSERT INTO fnrelay_records (id, fn_call_id, function_id, destination_type, kind,
+            &cached(
+                tx,
+                "INSERT INTO fnrelay_records (id, fn_call_id, function_id, destination_type, kind,
                  resource_id, channel_id, body, state, accepted_at, age_from, due_at)
              SELECT id, call, func, dt, kind, res, chan, body, 'pending', at, at, at
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                          $7::text[], $8::text[], $9::int8[])
                   AS n(id, call, func, dt, kind, res, chan, body, at)",
+            )
+            .await?,
             &[
                 &ids, &calls, &functions, &types, &kinds, &resources, &channels, &bodies, &at,
             ],
@@ -685,7 +767,7 @@ impl PgJournal {
         let until = now + lease.as_millis() as i64;
         let rows = client
             .query(
-                &sql,
+                &cached(&client, &sql).await?,
                 &[
                     &lane.kind.as_str(),
                     &lane.resource_id,
@@ -779,8 +861,12 @@ impl Journal for PgJournal {
         let client = self.pool.get().await.map_err(pool_error)?;
         let row = client
             .query_one(
-                "SELECT min(due_at) FROM fnrelay_records
+                &cached(
+                    &client,
+                    "SELECT min(due_at) FROM fnrelay_records
                  WHERE kind = $1 AND resource_id = $2 AND state = 'pending'",
+                )
+                .await?,
                 &[&lane.kind.as_str(), &lane.resource_id],
             )
             .await
@@ -879,23 +965,28 @@ impl Journal for PgJournal {
         if !d_ids.is_empty() {
             let rows = tx
                 .query(
-                    &format!(
-                        // The row leaves the hot table; what a lookup shows
-                        // of a delivered record stays with its fnCallId.
-                        "WITH d AS (
+                    &cached(
+                        &tx,
+                        &format!(
+                            // The row leaves the hot table; what a lookup shows
+                            // of a delivered record goes to the insert-only
+                            // `fnrelay_done`.
+                            "WITH d AS (
                          DELETE FROM fnrelay_records r
                          USING unnest($1::text[], $2::int8[], $4::int4[], $5::text[])
                              AS o(id, token, attempts, note)
                          WHERE r.id = o.id AND r.token = o.token AND r.state = 'pending'
-                         RETURNING r.id, r.fn_call_id, jsonb_build_object(
-                             'functionId', r.function_id, 'destinationType', r.destination_type,
-                             'kind', r.kind, 'resourceId', r.resource_id, 'channelId', r.channel_id,
-                             'attempts', o.attempts, 'recent', {}) AS summary),
-                     a AS (UPDATE fnrelay_accepted x SET done_at = $3, summary = d.summary
-                         FROM d WHERE x.fn_call_id = d.fn_call_id)
-                     SELECT id FROM d",
-                        append_note("r.recent", "o.note", "$6")
-                    ),
+                         RETURNING r.id, r.fn_call_id, r.function_id, r.destination_type, r.kind,
+                             r.resource_id, r.channel_id, o.attempts, {} AS recent)
+                     INSERT INTO fnrelay_done (id, fn_call_id, function_id, destination_type,
+                         kind, resource_id, channel_id, attempts, done_at, recent)
+                     SELECT id, fn_call_id, function_id, destination_type, kind, resource_id,
+                         channel_id, attempts, $3, recent FROM d
+                     RETURNING id",
+                            append_note("r.recent", "o.note", "$6")
+                        ),
+                    )
+                    .await?,
                     &[&d_ids, &d_tokens, &now, &d_attempts, &d_notes, &kept],
                 )
                 .await
@@ -906,7 +997,7 @@ impl Journal for PgJournal {
         if !r_ids.is_empty() {
             collect(
                 tx.query(
-                    &format!(
+                    &cached(&tx, &format!(
                         "UPDATE fnrelay_records r SET attempts = o.attempts, due_at = o.at,
                          last_error = o.error, token = 0, recent = {}
                      FROM unnest($1::text[], $2::int8[], $3::int4[], $4::int8[], $5::text[], $6::text[])
@@ -914,7 +1005,7 @@ impl Journal for PgJournal {
                      WHERE r.id = o.id AND r.token = o.token AND r.state = 'pending'
                      RETURNING r.id",
                         append_note("r.recent", "o.note", "$7")
-                    ),
+                    )).await?,
                     &[
                         &r_ids, &r_tokens, &r_attempts, &r_at, &r_errors, &r_notes, &kept,
                     ],
@@ -926,13 +1017,13 @@ impl Journal for PgJournal {
         if !l_ids.is_empty() {
             collect(
                 tx.query(
-                    &format!(
+                    &cached(&tx, &format!(
                         "UPDATE fnrelay_records r SET due_at = o.at, token = 0, recent = {}
                      FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[]) AS o(id, token, at, note)
                      WHERE r.id = o.id AND r.token = o.token AND r.state = 'pending'
                      RETURNING r.id",
                         append_note("r.recent", "o.note", "$5")
-                    ),
+                    )).await?,
                     &[&l_ids, &l_tokens, &l_at, &l_notes, &kept],
                 )
                 .await
@@ -943,7 +1034,7 @@ impl Journal for PgJournal {
         if !x_ids.is_empty() {
             let rows = tx
                 .query(
-                    &format!(
+                    &cached(&tx, &format!(
                         "UPDATE fnrelay_records r SET state = 'dead', attempts = o.attempts,
                          last_error = o.error, error_label = o.label, due_at = $6, token = 0,
                          recent = {}
@@ -952,7 +1043,7 @@ impl Journal for PgJournal {
                      WHERE r.id = o.id AND r.token = o.token AND r.state = 'pending'
                      RETURNING r.id",
                         append_note("r.recent", "o.note", "$8")
-                    ),
+                    )).await?,
                     &[
                         &x_ids, &x_tokens, &x_attempts, &x_errors, &x_labels, &now, &x_notes,
                         &kept,
@@ -976,109 +1067,106 @@ impl Journal for PgJournal {
     async fn lookup(&self, by: Lookup) -> Result<Option<RecordView>, JournalError> {
         let now = now_ms();
         let client = self.pool.get().await.map_err(pool_error)?;
-        let (sql, key) = match &by {
-            Lookup::Id(id) => (
-                "SELECT fn_call_id, id, accepted_at, done_at, summary::text
-                 FROM fnrelay_accepted WHERE id = $1",
-                id,
-            ),
-            Lookup::FnCallId(call) => (
-                "SELECT fn_call_id, id, accepted_at, done_at, summary::text
-                 FROM fnrelay_accepted WHERE fn_call_id = $1",
-                call,
-            ),
+        let id = match by {
+            Lookup::Id(id) => id,
+            Lookup::FnCallId(call) => {
+                let Some(row) = client
+                    .query_opt(
+                        "SELECT id FROM fnrelay_accepted WHERE fn_call_id = $1",
+                        &[&call],
+                    )
+                    .await
+                    .map_err(pg)?
+                else {
+                    return Ok(None);
+                };
+                row.get(0)
+            }
         };
-        let Some(accepted) = client.query_opt(sql, &[key]).await.map_err(pg)? else {
-            return Ok(None);
-        };
-        let id: String = accepted.get(1);
-        let row = client
+        // Waiting or dead: the hot table.
+        if let Some(r) = client
             .query_opt(
                 "SELECT function_id, destination_type, kind, resource_id, channel_id, state,
-                        attempts, due_at, token, last_error, error_label, recent::text
+                        attempts, due_at, token, last_error, error_label, recent::text,
+                        fn_call_id, accepted_at
                  FROM fnrelay_records WHERE id = $1",
                 &[&id],
             )
             .await
-            .map_err(pg)?;
-        let fn_call_id: String = accepted.get(0);
-        let accepted_at_ms: i64 = accepted.get(2);
-        let done_at: Option<i64> = accepted.get(3);
-        let view = match row {
-            Some(r) => {
-                let state: String = r.get(5);
-                let due: i64 = r.get(7);
-                let token: i64 = r.get(8);
-                let pending = state == "pending";
-                let inflight = pending && token != 0 && due > now;
-                let attempts: i32 = r.get(6);
-                RecordView {
-                    id,
-                    fn_call_id,
-                    function_id: r.get(0),
-                    destination_type: Some(r.get(1)),
-                    target: DestKind::parse(r.get::<_, &str>(2)).map(|kind| Target {
-                        kind,
-                        resource_id: r.get(3),
-                        channel_id: r.get(4),
-                    }),
-                    attempts: attempts as u32,
-                    next_attempt_at_ms: (pending && !inflight).then_some(due),
-                    accepted_at_ms,
-                    finished_at_ms: (!pending).then_some(due),
-                    last_error: r.get(9),
-                    error_label: r.get(10),
-                    recent: parse_notes(r.get::<_, Option<&str>>(11)),
-                    state: if inflight { "inflight".into() } else { state },
-                }
-            }
-            None => {
-                // Delivered (its summary kept) or skipped (no destination).
-                let summary: Option<serde_json::Value> = accepted
-                    .get::<_, Option<&str>>(4)
-                    .and_then(|s| serde_json::from_str(s).ok());
-                let text = |k: &str| {
-                    summary
-                        .as_ref()
-                        .and_then(|s| s[k].as_str().map(str::to_string))
-                };
-                let target = match (
-                    text("kind").as_deref().and_then(DestKind::parse),
-                    text("resourceId"),
-                ) {
-                    (Some(kind), Some(resource_id)) => Some(Target {
-                        kind,
-                        resource_id,
-                        channel_id: text("channelId"),
-                    }),
-                    _ => None,
-                };
-                RecordView {
-                    id,
-                    fn_call_id,
-                    function_id: text("functionId").unwrap_or_default(),
-                    state: match (&summary, done_at) {
-                        (Some(_), _) => "delivered".into(),
-                        (None, Some(_)) => "skipped".into(),
-                        (None, None) => "pending".into(),
-                    },
-                    destination_type: text("destinationType"),
-                    target,
-                    attempts: summary
-                        .as_ref()
-                        .and_then(|s| s["attempts"].as_u64())
-                        .unwrap_or(0) as u32,
-                    next_attempt_at_ms: None,
-                    accepted_at_ms,
-                    finished_at_ms: done_at,
-                    last_error: None,
-                    error_label: None,
-                    recent: summary
-                        .as_ref()
-                        .and_then(|s| serde_json::from_value(s["recent"].clone()).ok())
-                        .unwrap_or_default(),
-                }
-            }
+            .map_err(pg)?
+        {
+            let state: String = r.get(5);
+            let due: i64 = r.get(7);
+            let token: i64 = r.get(8);
+            let pending = state == "pending";
+            let inflight = pending && token != 0 && due > now;
+            let attempts: i32 = r.get(6);
+            return Ok(Some(RecordView {
+                id,
+                fn_call_id: r.get(12),
+                function_id: r.get(0),
+                destination_type: Some(r.get(1)),
+                target: DestKind::parse(r.get::<_, &str>(2)).map(|kind| Target {
+                    kind,
+                    resource_id: r.get(3),
+                    channel_id: r.get(4),
+                }),
+                attempts: attempts as u32,
+                next_attempt_at_ms: (pending && !inflight).then_some(due),
+                accepted_at_ms: r.get(13),
+                finished_at_ms: (!pending).then_some(due),
+                last_error: r.get(9),
+                error_label: r.get(10),
+                recent: parse_notes(r.get::<_, Option<&str>>(11)),
+                state: if inflight { "inflight".into() } else { state },
+            }));
+        }
+        // Delivered, or skipped (no destination).
+        let Some(r) = client
+            .query_opt(
+                "SELECT d.fn_call_id, d.function_id, d.destination_type, d.kind, d.resource_id,
+                        d.channel_id, d.attempts, d.done_at, d.recent::text, a.accepted_at
+                 FROM fnrelay_done d LEFT JOIN fnrelay_accepted a USING (fn_call_id)
+                 WHERE d.id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(pg)?
+        else {
+            return Ok(None);
+        };
+        let kind: Option<&str> = r.get(3);
+        let target = match (
+            kind.and_then(DestKind::parse),
+            r.get::<_, Option<String>>(4),
+        ) {
+            (Some(kind), Some(resource_id)) => Some(Target {
+                kind,
+                resource_id,
+                channel_id: r.get(5),
+            }),
+            _ => None,
+        };
+        let attempts: i32 = r.get(6);
+        let done_at: i64 = r.get(7);
+        let view = RecordView {
+            id,
+            fn_call_id: r.get(0),
+            function_id: r.get::<_, Option<String>>(1).unwrap_or_default(),
+            state: if kind.is_some() {
+                "delivered".into()
+            } else {
+                "skipped".into()
+            },
+            destination_type: r.get(2),
+            target,
+            attempts: attempts as u32,
+            next_attempt_at_ms: None,
+            accepted_at_ms: r.get::<_, Option<i64>>(9).unwrap_or(done_at),
+            finished_at_ms: Some(done_at),
+            last_error: None,
+            error_label: None,
+            recent: parse_notes(r.get::<_, Option<&str>>(8)),
         };
         Ok(Some(view.with_first_delivery()))
     }
@@ -1089,13 +1177,17 @@ impl Journal for PgJournal {
         // watch registered (or its deadline moved).
         let row = client
             .query_one(
-                "WITH known AS (SELECT id FROM fnrelay_accepted WHERE fn_call_id = $1),
+                &cached(
+                    &client,
+                    "WITH known AS (SELECT id FROM fnrelay_accepted WHERE fn_call_id = $1),
                       w AS (INSERT INTO fnrelay_watches (fn_call_id, function_id, application_id,
                                 compartment_id, opc_request_id, deadline)
                             SELECT $1, $2, $3, $4, $5, $6 WHERE NOT EXISTS (SELECT 1 FROM known)
                             ON CONFLICT (fn_call_id) DO UPDATE SET deadline = EXCLUDED.deadline,
                                 claimed_until = 0)
                  SELECT (SELECT id FROM known)",
+                )
+                .await?,
                 &[
                     &watch.fn_call_id,
                     &watch.function_id,
@@ -1225,7 +1317,11 @@ impl Journal for PgJournal {
         let client = self.pool.get().await.map_err(pool_error)?;
         let rows = client
             .query(
-                "SELECT doc::text FROM fnrelay_destinations WHERE function_id = ANY($1)",
+                &cached(
+                    &client,
+                    "SELECT doc::text FROM fnrelay_destinations WHERE function_id = ANY($1)",
+                )
+                .await?,
                 &[&function_ids],
             )
             .await
@@ -1306,15 +1402,20 @@ impl Journal for PgJournal {
         let client = self.pool.get().await.map_err(pool_error)?;
         let mut total = 0;
         loop {
-            let n = client
-                .execute(
-                    "DELETE FROM fnrelay_accepted WHERE fn_call_id IN (
-                         SELECT fn_call_id FROM fnrelay_accepted
-                         WHERE done_at IS NOT NULL AND done_at < $1 LIMIT 5000)",
+            let n: i64 = client
+                .query_one(
+                    "WITH d AS (DELETE FROM fnrelay_done WHERE id IN (
+                             SELECT id FROM fnrelay_done WHERE done_at < $1 LIMIT 5000)
+                         RETURNING fn_call_id),
+                     a AS (DELETE FROM fnrelay_accepted
+                         WHERE fn_call_id IN (SELECT fn_call_id FROM d))
+                     SELECT count(*) FROM d",
                     &[&before_ms],
                 )
                 .await
-                .map_err(pg)?;
+                .map_err(pg)?
+                .get(0);
+            let n = n as u64;
             total += n;
             if n < 5000 {
                 return Ok(total);
@@ -1329,7 +1430,8 @@ impl Journal for PgJournal {
                 "SELECT
                     (SELECT min(accepted_at) FROM fnrelay_records WHERE state = 'pending'),
                     (SELECT count(*) FROM fnrelay_records WHERE state = 'dead'),
-                    pg_total_relation_size('fnrelay_records') + pg_total_relation_size('fnrelay_accepted')",
+                    pg_total_relation_size('fnrelay_records') + pg_total_relation_size('fnrelay_accepted')
+                        + pg_total_relation_size('fnrelay_done')",
                 &[],
             )
             .await
