@@ -9,6 +9,9 @@ use clap::{Parser, Subcommand};
 use fnrelay::config::{self, Config, Source};
 use tokio_util::sync::CancellationToken;
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Delivers the results of detached function invocations to their success
 /// and failure destinations, with retries.
 #[derive(Parser)]
