@@ -375,7 +375,7 @@ impl Default for DeliveryConfig {
             max_backoff: Duration::from_secs(300),
             attempt_timeout: Duration::from_secs(20),
             lease: Duration::from_secs(90),
-            linger: Duration::from_millis(5),
+            linger: Duration::from_millis(10),
             breaker_failure_threshold: 5,
             breaker_cool_down: Duration::from_secs(10),
             removed_resource_grace: Duration::from_secs(300),

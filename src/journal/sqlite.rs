@@ -492,17 +492,15 @@ impl SqliteJournal {
     {
         let (done, wait) = oneshot::channel::<Result<T, JournalError>>();
         let job: Job = Box::new(move |conn| {
-            let result = conn
-                .execute_batch("SAVEPOINT cmd")
-                .and_then(|()| match f(conn) {
-                    Ok(v) => conn.execute_batch("RELEASE cmd").map(|()| v),
-                    Err(e) => {
-                        // Fails too when SQLite already rolled everything
-                        // back; the writer sees that and ends the group.
-                        let _ = conn.execute_batch("ROLLBACK TO cmd; RELEASE cmd");
-                        Err(e)
-                    }
-                });
+            let result = exec_cached(conn, "SAVEPOINT cmd").and_then(|()| match f(conn) {
+                Ok(v) => exec_cached(conn, "RELEASE cmd").map(|()| v),
+                Err(e) => {
+                    // Fails too when SQLite already rolled everything
+                    // back; the writer sees that and ends the group.
+                    let _ = conn.execute_batch("ROLLBACK TO cmd; RELEASE cmd");
+                    Err(e)
+                }
+            });
             Box::new(move |commit_error: Option<&str>, shared: &Shared| {
                 let answer = match (result, commit_error) {
                     (Err(e), _) => Err(JournalError::Sqlite(e)),
@@ -621,6 +619,13 @@ fn count(conn: &Connection) -> rusqlite::Result<(u64, u64)> {
     Ok((pending as u64, dead as u64))
 }
 
+/// Runs a statement without parameters from the connection's statement
+/// cache (the writer runs BEGIN, SAVEPOINT, RELEASE and COMMIT for every
+/// command; parsing them each time showed in profiles).
+fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
 fn writer(conn: Connection, rx: mpsc::Receiver<Job>, shared: Arc<Shared>, max_group: usize) {
     let mut replies: Vec<Reply> = Vec::new();
     // A full disk fails every group: one line per kind of error per 10 s.
@@ -633,7 +638,7 @@ fn writer(conn: Connection, rx: mpsc::Receiver<Job>, shared: Arc<Shared>, max_gr
         }
     };
     while let Ok(first) = rx.recv() {
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        if let Err(e) = exec_cached(&conn, "BEGIN IMMEDIATE") {
             // Dropping the job drops its reply channel: the caller hears that
             // nothing was written.
             log("journal cannot begin a transaction", &e);
@@ -667,7 +672,7 @@ fn writer(conn: Connection, rx: mpsc::Receiver<Job>, shared: Arc<Shared>, max_gr
             );
             Some(msg.to_string())
         } else {
-            conn.execute_batch("COMMIT").err().map(|e| {
+            exec_cached(&conn, "COMMIT").err().map(|e| {
                 log("journal commit failed", &e);
                 let _ = conn.execute_batch("ROLLBACK");
                 e.to_string()
