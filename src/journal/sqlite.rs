@@ -98,9 +98,9 @@ struct Delta {
     dead: i64,
     /// Absolute values from a recount.
     set: Option<(u64, u64)>,
-    /// Records this commit added, handed to their lanes' claims without a
-    /// read back from the database.
-    fresh: Vec<Claimed>,
+    /// Records this commit added (with their rowids), handed to their
+    /// lanes' claims without a read back from the database.
+    fresh: Vec<(i64, Claimed)>,
 }
 
 /// Records committed by this process and not claimed yet, per lane. Every
@@ -109,7 +109,7 @@ struct Delta {
 #[derive(Default)]
 struct Fresh {
     order: VecDeque<String>,
-    items: HashMap<String, Claimed>,
+    items: foldhash::HashMap<String, (i64, Claimed)>,
 }
 
 /// Most fresh records kept per lane; past that they are read back from
@@ -126,11 +126,17 @@ struct Lease {
     token: u64,
     until_ms: i64,
     lane: Lane,
+    /// The record's rowid: claims and due times scan the lane index for
+    /// rowids only (a covering scan) and skip leased ones by rowid.
+    rowid: i64,
 }
 
 #[derive(Default)]
 struct Leases {
-    by_id: HashMap<String, Lease>,
+    by_id: foldhash::HashMap<String, Lease>,
+    /// The end of each lease in `by_id`, by rowid: a claim's scan of the
+    /// lane index skips leased rows with one integer lookup each.
+    by_rowid: foldhash::HashMap<i64, i64>,
     per_lane: HashMap<Lane, usize>,
     fresh: HashMap<Lane, Fresh>,
     turns: HashMap<Lane, u32>,
@@ -141,20 +147,33 @@ impl Leases {
         self.by_id.get(id).is_some_and(|l| l.until_ms > now_ms)
     }
 
+    fn live_rowid(&self, rowid: i64, now_ms: i64) -> bool {
+        self.by_rowid
+            .get(&rowid)
+            .is_some_and(|until| *until > now_ms)
+    }
+
     fn insert(&mut self, id: String, lease: Lease) {
         let lane = lease.lane.clone();
         if let Some(f) = self.fresh.get_mut(&lane) {
             f.items.remove(&id);
         }
-        if self.by_id.insert(id, lease).is_none() {
-            *self.per_lane.entry(lane).or_default() += 1;
+        let (rowid, until) = (lease.rowid, lease.until_ms);
+        match self.by_id.insert(id, lease) {
+            Some(old) if old.rowid != rowid => {
+                self.by_rowid.remove(&old.rowid);
+            }
+            Some(_) => {}
+            None => *self.per_lane.entry(lane).or_default() += 1,
         }
+        self.by_rowid.insert(rowid, until);
     }
 
     /// Ends the lease if `token` still holds it.
     fn end(&mut self, id: &str, token: u64) {
         if self.by_id.get(id).is_some_and(|l| l.token == token) {
             let lease = self.by_id.remove(id).expect("present");
+            self.by_rowid.remove(&lease.rowid);
             if let Some(n) = self.per_lane.get_mut(&lease.lane) {
                 *n -= 1;
                 if *n == 0 {
@@ -170,8 +189,8 @@ impl Leases {
 
     /// Hands committed records to their lanes (called after the commit,
     /// before any outcome of theirs can be committed).
-    fn add_fresh(&mut self, records: Vec<Claimed>) {
-        for r in records {
+    fn add_fresh(&mut self, records: Vec<(i64, Claimed)>) {
+        for (rowid, r) in records {
             if self.by_id.contains_key(&r.id) {
                 continue;
             }
@@ -182,7 +201,7 @@ impl Leases {
             let f = self.fresh.entry(lane).or_default();
             if f.items.len() < FRESH_PER_LANE {
                 f.order.push_back(r.id.clone());
-                f.items.insert(r.id.clone(), r);
+                f.items.insert(r.id.clone(), (rowid, r));
             }
         }
     }
@@ -208,7 +227,7 @@ impl Leases {
                 f.order.shrink_to(64);
             }
         }
-        for mut c in taken {
+        for (rowid, mut c) in taken {
             c.token = tokens.fetch_add(1, Ordering::Relaxed);
             self.insert(
                 c.id.clone(),
@@ -216,6 +235,7 @@ impl Leases {
                     token: c.token,
                     until_ms,
                     lane: lane.clone(),
+                    rowid,
                 },
             );
             out.push(c);
@@ -570,16 +590,16 @@ impl SqliteJournal {
             let rows = ids
                 .query_map(
                     params![lane.kind.as_str(), lane.resource_id, bound, scan as i64],
-                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+                    |r| r.get::<_, i64>(0),
                 )?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let mut fetch =
                 conn.prepare_cached(&format!("SELECT {COLUMNS} FROM records WHERE rowid = ?1"))?;
-            for (rowid, id) in rows {
+            for rowid in rows {
                 if out.len() == limit {
                     break;
                 }
-                if leases.live(&id, now_ms) {
+                if leases.live_rowid(rowid, now_ms) {
                     continue;
                 }
                 let Some(mut claimed) = fetch.query_row([rowid], row_to_claimed).optional()? else {
@@ -587,11 +607,12 @@ impl SqliteJournal {
                 };
                 claimed.token = shared.next_token.fetch_add(1, Ordering::Relaxed);
                 leases.insert(
-                    id,
+                    claimed.id.clone(),
                     Lease {
                         token: claimed.token,
                         until_ms,
                         lane: lane.clone(),
+                        rowid,
                     },
                 );
                 out.push(claimed);
@@ -755,7 +776,8 @@ impl Journal for SqliteJournal {
                     });
                     if let Some(target) = r.target {
                         added += 1;
-                        fresh.push(Claimed {
+                        let rowid = tx.last_insert_rowid();
+                        fresh.push((rowid, Claimed {
                             id: r.id,
                             fn_call_id: r.fn_call_id,
                             function_id: r.function_id,
@@ -766,7 +788,7 @@ impl Journal for SqliteJournal {
                             accepted_at_ms: r.accepted_at_ms,
                             age_from_ms: r.accepted_at_ms,
                             token: 0,
-                        });
+                        }));
                     }
                 } else {
                     let (id, digest): (String, Option<Vec<u8>>) = existing
@@ -814,7 +836,7 @@ impl Journal for SqliteJournal {
     ) -> Result<Vec<Claimed>, JournalError> {
         self.claim_where(
             lane,
-            "SELECT rowid, id FROM records INDEXED BY records_lane_due
+            "SELECT rowid FROM records INDEXED BY records_lane_due
              WHERE kind = ?1 AND resource_id = ?2 AND state = 'pending' AND next_attempt_at <= ?3
              ORDER BY next_attempt_at LIMIT ?4",
             now_ms,
@@ -835,7 +857,7 @@ impl Journal for SqliteJournal {
     ) -> Result<Vec<Claimed>, JournalError> {
         self.claim_where(
             lane,
-            "SELECT rowid, id FROM records INDEXED BY records_lane_due
+            "SELECT rowid FROM records INDEXED BY records_lane_due
              WHERE kind = ?1 AND resource_id = ?2 AND state = 'pending' AND age_from < ?3
              ORDER BY next_attempt_at LIMIT ?4",
             age_from_before_ms,
@@ -874,7 +896,7 @@ impl Journal for SqliteJournal {
             }
             let held = leases.held(&lane);
             let mut stmt = conn.prepare_cached(
-                "SELECT id, next_attempt_at FROM records INDEXED BY records_lane_due
+                "SELECT rowid, next_attempt_at FROM records INDEXED BY records_lane_due
                  WHERE kind = ?1 AND resource_id = ?2 AND state = 'pending'
                  ORDER BY next_attempt_at LIMIT ?3",
             )?;
@@ -884,8 +906,8 @@ impl Journal for SqliteJournal {
                 held as i64 + 1
             ])?;
             while let Some(row) = rows.next()? {
-                let id: String = row.get(0)?;
-                if !leases.by_id.contains_key(&id) {
+                let rowid: i64 = row.get(0)?;
+                if !leases.by_rowid.contains_key(&rowid) {
                     return Ok(Some(row.get::<_, i64>(1)?));
                 }
             }
