@@ -320,6 +320,24 @@ fn usage(pid: u32) -> (f64, u64) {
     (cpu / tick, hwm * 1024)
 }
 
+/// (busy, total) CPU jiffies of the whole machine, from /proc/stat: what
+/// share of the cores the daemon, the load generator and the kernel left.
+fn machine_cpu() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: f64 = v.iter().take(8).sum();
+    // idle and iowait are the time no one used.
+    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
+    (total - idle, total)
+}
+
 // ---------------------------------------------------------------- load
 
 /// A completion event; one in ten is a failure.
@@ -409,19 +427,41 @@ fn percentile(v: &mut [Duration], p: f64) -> f64 {
     v[i].as_secs_f64() * 1000.0
 }
 
-fn count_lines(path: &Path) -> usize {
-    let Ok(f) = std::fs::File::open(path) else {
-        return 0;
-    };
-    let mut n = 0;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut r = std::io::BufReader::new(f);
-    loop {
-        let k = r.read(&mut buf).unwrap_or(0);
-        if k == 0 {
-            return n;
+/// Counts a growing file's lines, reading only what was appended since the
+/// last call (re-reading the whole file every poll would take the cores
+/// the daemon is being measured on).
+struct Lines {
+    path: PathBuf,
+    offset: u64,
+    n: usize,
+    buf: Vec<u8>,
+}
+
+impl Lines {
+    fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            offset: 0,
+            n: 0,
+            buf: vec![0u8; 1 << 20],
         }
-        n += buf[..k].iter().filter(|b| **b == b'\n').count();
+    }
+
+    fn count(&mut self) -> usize {
+        let Ok(mut f) = std::fs::File::open(&self.path) else {
+            return self.n;
+        };
+        if f.seek(std::io::SeekFrom::Start(self.offset)).is_err() {
+            return self.n;
+        }
+        loop {
+            let k = f.read(&mut self.buf).unwrap_or(0);
+            if k == 0 {
+                return self.n;
+            }
+            self.offset += k as u64;
+            self.n += self.buf[..k].iter().filter(|b| **b == b'\n').count();
+        }
     }
 }
 
@@ -492,6 +532,8 @@ async fn file_run(events: usize, batch: usize) -> Vec<(&'static str, f64)> {
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(dir.path(), &file_resources(dir.path()), "").await;
     let (cpu0, _) = usage(d.pid());
+    let (gen0, _) = usage(std::process::id());
+    let (busy0, total0) = machine_cpu();
     let load = bodies(events, batch, 0);
     let start = Instant::now();
     let (accepted, mut lat) = drive(&d.url, load).await;
@@ -499,14 +541,17 @@ async fn file_run(events: usize, batch: usize) -> Vec<(&'static str, f64)> {
         dir.path().join("results.jsonl"),
         dir.path().join("failures.jsonl"),
     );
+    let (mut a, mut b) = (Lines::new(&a), Lines::new(&b));
     wait_for(
         "every record in the files",
         Duration::from_secs(600),
-        || count_lines(&a) + count_lines(&b) >= events,
+        || a.count() + b.count() >= events,
     )
     .await;
     let e2e = start.elapsed();
     let (cpu1, rss) = usage(d.pid());
+    let (gen1, _) = usage(std::process::id());
+    let (busy1, total1) = machine_cpu();
     d.stop();
     vec![
         ("accepted events/s", events as f64 / accepted.as_secs_f64()),
@@ -516,6 +561,14 @@ async fn file_run(events: usize, batch: usize) -> Vec<(&'static str, f64)> {
         (
             "daemon CPU s per 100k records",
             (cpu1 - cpu0) * 100_000.0 / events as f64,
+        ),
+        (
+            "load generator CPU s per 100k records",
+            (gen1 - gen0) * 100_000.0 / events as f64,
+        ),
+        (
+            "machine CPU busy % (all cores)",
+            (busy1 - busy0) * 100.0 / (total1 - total0).max(1.0),
         ),
         ("peak RSS MB", rss as f64 / 1e6),
     ]
@@ -555,14 +608,15 @@ async fn postgres_run(events: usize, replicas: usize) -> Vec<(&'static str, f64)
     let urls: Vec<String> = daemons.iter().map(|d| d.url.clone()).collect();
     let start = Instant::now();
     let (accepted, _) = drive_all(&urls, bodies(events, 100, 0)).await;
-    let files: Vec<PathBuf> = dirs
+    let mut files: Vec<Lines> = dirs
         .iter()
         .flat_map(|d| [d.join("results.jsonl"), d.join("failures.jsonl")])
+        .map(|f| Lines::new(&f))
         .collect();
     wait_for(
         "every record in the files",
         Duration::from_secs(900),
-        || files.iter().map(|f| count_lines(f)).sum::<usize>() >= events,
+        || files.iter_mut().map(Lines::count).sum::<usize>() >= events,
     )
     .await;
     let e2e = start.elapsed();
@@ -917,11 +971,12 @@ failure = { kind = "STREAM", streamId = "results" }
     let t1 = Instant::now();
     let mut last_check = Instant::now();
     let mut peak2 = 0;
+    let mut lines = Lines::new(&file);
     wait_for("the backlog drained", Duration::from_secs(1800), || {
         if last_check.elapsed() > Duration::from_millis(500) {
             last_check = Instant::now();
             peak2 = peak2.max(usage(d.pid()).1);
-            count_lines(&file) >= n
+            lines.count() >= n
         } else {
             false
         }
