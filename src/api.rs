@@ -315,6 +315,8 @@ async fn limit_requests(
 ) -> Response {
     let Ok(_permit) = state.requests.clone().try_acquire_owned() else {
         state.metrics.refused("max_requests_in_flight");
+        let limit = state.config().server.max_body_bytes;
+        discard(request.into_body().into_data_stream(), limit).await;
         return ApiError::Busy(
             "too many requests in flight (server.max_requests_in_flight); retry later",
         )
@@ -322,6 +324,31 @@ async fn limit_requests(
     };
     next.run(request).await
 }
+
+/// Reads and drops what is left of a request body (at most `limit` bytes,
+/// for at most [`DISCARD_WITHIN`]) before an early answer. Closing a socket
+/// with unread request bytes makes the kernel send a reset, and the client
+/// then reports a broken connection instead of reading our 503 and its
+/// Retry-After. Nothing is kept, so this costs no memory.
+async fn discard<S, E>(mut body: S, limit: usize)
+where
+    S: futures_util::Stream<Item = Result<Bytes, E>> + Unpin,
+{
+    use futures_util::StreamExt;
+    let mut seen = 0usize;
+    let _ = tokio::time::timeout(DISCARD_WITHIN, async {
+        while let Some(Ok(chunk)) = body.next().await {
+            seen += chunk.len();
+            if seen > limit {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// How long an early answer waits for the rest of the request body.
+const DISCARD_WITHIN: Duration = Duration::from_secs(2);
 
 /// Reads a body of at most `limit` bytes within `server.body_read_timeout`,
 /// holding its size from the body budget (`server.max_body_bytes_in_flight`)
@@ -345,18 +372,21 @@ async fn read_body(
             "too many request bytes in flight (server.max_body_bytes_in_flight); retry later",
         )
     };
+    let mut body = body.into_data_stream();
     // A body without Content-Length reserves a small share, then grows.
     let first = declared.unwrap_or(16 * 1024).min(limit).max(1);
-    let mut permit = state
+    let Ok(mut permit) = state
         .body_bytes
         .clone()
         .try_acquire_many_owned(first as u32)
-        .map_err(|_| over_budget())?;
+    else {
+        discard(body, limit).await;
+        return Err(over_budget());
+    };
     let mut held = first;
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
     let timeout = state.config().server.body_read_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut body = body.into_data_stream();
     use futures_util::StreamExt;
     loop {
         let chunk = match tokio::time::timeout_at(deadline, body.next()).await {
@@ -378,11 +408,11 @@ async fn read_body(
         }
         if buf.len() + chunk.len() > held {
             let more = (buf.len() + chunk.len()).max(held * 2).min(limit) - held;
-            let extra = state
-                .body_bytes
-                .clone()
-                .try_acquire_many_owned(more as u32)
-                .map_err(|_| over_budget())?;
+            let Ok(extra) = state.body_bytes.clone().try_acquire_many_owned(more as u32) else {
+                drop(buf);
+                discard(body, limit).await;
+                return Err(over_budget());
+            };
             permit.merge(extra);
             held += more;
         }
@@ -438,12 +468,14 @@ async fn ingest(
     body: Body,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     authorize(&state, &headers, Scope::Ingest)?;
-    if state.shutdown.is_cancelled() {
-        return Err(ApiError::Unavailable("fnrelay is shutting down"));
-    }
     let config = state.config();
     let server = &config.server;
+    if state.shutdown.is_cancelled() {
+        discard(body.into_data_stream(), server.max_body_bytes).await;
+        return Err(ApiError::Unavailable("fnrelay is shutting down"));
+    }
     if state.journal.pending() >= config.journal.max_pending {
+        discard(body.into_data_stream(), server.max_body_bytes).await;
         return Err(ApiError::Unavailable(
             "journal is over its high-water mark (journal.max_pending); retry later",
         ));

@@ -603,13 +603,24 @@ failure = { kind = "NONE" }
         let (http, url, body, busy) = (http.clone(), p.url.clone(), batch(c), busy.clone());
         clients.push(tokio::spawn(async move {
             loop {
-                let r = http
+                // A connection that breaks under this overload (the server
+                // closes a kept-alive connection as the client reuses it) is
+                // retried as a runtime would: posting again is idempotent.
+                let r = match http
                     .post(format!("{url}/v1/completions"))
                     .header("content-type", "application/json")
                     .body(body.clone())
                     .send()
                     .await
-                    .unwrap();
+                {
+                    Ok(r) => r,
+                    Err(e) if e.is_request() || e.is_connect() => {
+                        busy.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50 + fastrand::u64(..200))).await;
+                        continue;
+                    }
+                    Err(e) => panic!("{e}"),
+                };
                 match r.status().as_u16() {
                     202 => return,
                     503 => {
@@ -630,7 +641,7 @@ failure = { kind = "NONE" }
     let peak = p.peak_rss();
     let text = p.metrics().await;
     eprintln!(
-        "FAULT 200 maximum-size batches: sent 200,000, acknowledged {}, peak RSS {} MB, {} answers 503 (budget full)",
+        "FAULT 200 maximum-size batches: sent 200,000, acknowledged {}, peak RSS {} MB, {} answers 503 (budget full) or broken connections, retried",
         metric(&text, "fnrelay_events_accepted_total"),
         peak / 1_000_000,
         busy.load(Ordering::Relaxed)
