@@ -1489,6 +1489,20 @@ mod tests {
 
     const LEASE: Duration = Duration::from_secs(60);
 
+    /// The ids of the journal's rows matching `condition`, sorted, read
+    /// through a connection of the test's own.
+    fn ids_where(path: &Path, condition: &str) -> Vec<String> {
+        let c = Connection::open(path).unwrap();
+        c.prepare(&format!(
+            "SELECT id FROM records WHERE {condition} ORDER BY id"
+        ))
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+    }
+
     #[tokio::test]
     async fn idempotent_append_claim_retry_dead_replay() {
         let dir = tempfile::tempdir().unwrap();
@@ -1718,15 +1732,7 @@ mod tests {
         }
         assert!(failed > 0, "the cap was not reached");
         // What the callers heard is exactly what the journal holds.
-        let c = Connection::open(&path).unwrap();
-        let mut stored: Vec<String> = c
-            .prepare("SELECT id FROM records WHERE id LIKE 'R%' ORDER BY id")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        stored.sort();
+        let stored = ids_where(&path, "id LIKE 'R%'");
         assert_eq!(stored, ok, "acknowledged = stored");
         assert_eq!(
             j.pending(),
@@ -1800,15 +1806,7 @@ mod tests {
             !ok.contains(&"R030".to_string()),
             "R030 shares R031's command"
         );
-        let c = Connection::open(&path).unwrap();
-        let mut delivered: Vec<String> = c
-            .prepare("SELECT id FROM records WHERE state = 'delivered'")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        delivered.sort();
+        let delivered = ids_where(&path, "state = 'delivered'");
         ok.sort();
         assert_eq!(delivered, ok, "written = what callers heard was written");
         assert_eq!(
